@@ -1,0 +1,267 @@
+"""The fast engine equals the literal NumPy reference of Algorithms 1 and 3 (`cnnmodules.reference`).
+
+Tiny float64 models (so no round-off can move a node across 0), random kernels, small random biases and random
+inputs with class-dependent blank regions (so some nodes are always inactive, position by position, and MC-BI
+has something to remove). For each model: CI, CI+TI and CI+TI+MC-BI kept nodes, fast == reference.
+"""
+import numpy as np
+import pytest
+import keras
+from keras import layers
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from cnnmodules.graph import LayerGraph
+from cnnmodules.concern import sample_inputs, activation_counts, kept_nodes
+from cnnmodules.modularize import modularize
+from cnnmodules.reference import reference_kept, reference_mc_bi, node_layer_names
+
+F64 = dict(dtype='float64')
+
+
+def randomize(model, seed=0, bias=(-0.15, 0.1)):
+    "Small random biases (mean bias[0], sd bias[1]) and random BatchNormalization statistics."
+    rng = np.random.default_rng(seed)
+    for l in model.layers:
+        if isinstance(l, layers.BatchNormalization):
+            C = l.moving_mean.shape[0]
+            w = ([rng.uniform(0.5, 1.5, C)] if l.scale else []) + ([rng.normal(0, 0.1, C)] if l.center else [])
+            l.set_weights(w + [rng.normal(0, 0.2, C), rng.uniform(0.5, 1.5, C)])
+        elif getattr(l, 'use_bias', False) and l.get_weights():
+            W, B = l.get_weights()
+            l.set_weights([W, rng.normal(bias[0], bias[1], B.shape)])
+    return model
+
+
+def make_data(shape, n_classes, per_class, seed=0, border=1):
+    "Random inputs with a blank border (as MNIST) and, per class, a different blank band of rows or columns (zero input -> conv output = bias)."
+    rng = np.random.default_rng(seed)
+    H, W = shape[:2]
+    x = rng.normal(size=(n_classes * per_class,) + tuple(shape))
+    if border:
+        x[:, :border] = 0; x[:, H - border:] = 0; x[:, :, :border] = 0; x[:, :, W - border:] = 0
+    y = np.repeat(np.arange(n_classes), per_class)
+    for c in range(n_classes):
+        xs = x[y == c]
+        if c % 2 == 0: xs[:, (c * H) // (2 * n_classes):(c * H) // (2 * n_classes) + H // 2] = 0
+        else: xs[:, :, W - (c * W) // (2 * n_classes) - W // 2:W - (c * W) // (2 * n_classes)] = 0
+        x[y == c] = xs
+    return x, y
+
+
+def check(model, x, y, E, classes=None, seed=0):
+    "Fast == reference for CI, CI+TI and MC-BI; returns (fraction of nodes kept after CI+TI, nodes MC-BI removed)."
+    g = LayerGraph(model)
+    N = g.num_classes
+    assert node_layer_names(model) == g.node_names
+    s = sample_inputs(y, N, E, classes=classes, seed=seed)
+    cnt = activation_counts(g, x, s, batch_size=64, progress=False)
+    for steps in [('ci',), ('ci', 'ti')]:
+        fast, ref = kept_nodes(cnt, steps), reference_kept(model, x, s, steps)
+        assert len(fast) == len(ref)
+        for name, a, b in zip(g.node_names, fast, ref):
+            assert a.shape == b.shape, (steps, name)
+            np.testing.assert_array_equal(a, b, err_msg=f'{steps} {name}')
+    bi = 0
+    for steps in [('ci', 'mc', 'bi'), ('ci', 'ti', 'mc', 'bi')]:
+        keep = kept_nodes(cnt, steps)
+        fast, *_, removed = modularize(g, keep, s.classes, steps=steps)
+        ref = reference_mc_bi(model, reference_kept(model, x, s, steps))
+        for name, a, b in zip(g.node_names, fast, ref):
+            np.testing.assert_array_equal(a, b, err_msg=f'{steps} {name}')
+        bi += removed['bi']
+    frac = sum(k.sum() for k in keep) / sum(k.size for k in keep)
+    return frac, bi
+
+
+# ---------------------------------------------------------------- fixed models
+
+def seq_model():
+    keras.utils.set_random_seed(1)
+    m = keras.Sequential([keras.Input((9, 9, 1), **F64),
+                          layers.Conv2D(3, 3, padding='same', activation='relu', **F64),
+                          layers.Conv2D(3, 3, strides=2, padding='valid', activation='relu', **F64),
+                          layers.MaxPooling2D(2, **F64),
+                          layers.Flatten(**F64),
+                          layers.Dense(4, activation='relu', **F64),
+                          layers.Dense(3, activation='softmax', **F64)])
+    return randomize(m, 1)
+
+
+def seq_avg_model():
+    keras.utils.set_random_seed(2)
+    m = keras.Sequential([keras.Input((8, 7, 2), **F64),
+                          layers.Conv2D(3, 2, strides=2, padding='same', **F64),
+                          layers.ReLU(**F64),
+                          layers.AveragePooling2D(2, strides=1, padding='same', **F64),
+                          layers.Conv2D(2, 3, padding='valid', activation='relu', **F64),
+                          layers.MaxPooling2D(3, strides=2, padding='same', **F64),
+                          layers.GlobalAveragePooling2D(**F64),
+                          layers.Dense(4, activation='softmax', **F64)])
+    return randomize(m, 2)
+
+
+def bn_model():
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 1), **F64)
+    h = layers.Conv2D(3, 3, padding='same', use_bias=False, **F64)(inp)
+    h = layers.Activation('relu', **F64)(layers.BatchNormalization(scale=False, **F64)(h))
+    h = layers.Conv2D(3, 3, strides=2, padding='same', **F64)(h)
+    h = layers.ReLU(**F64)(layers.BatchNormalization(**F64)(h))
+    h = layers.Dropout(0.2, **F64)(h)
+    h = layers.Dense(4, **F64)(layers.Flatten(**F64)(h))
+    h = layers.ReLU(**F64)(layers.BatchNormalization(center=False, **F64)(h))
+    return randomize(keras.Model(inp, layers.Dense(3, activation='softmax', **F64)(h)), 3)
+
+
+def zeropad_model():
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((7, 8, 1), **F64)
+    h = layers.ZeroPadding2D(((1, 2), (2, 1)), **F64)(inp)
+    h = layers.Conv2D(3, 3, strides=2, padding='valid', activation='relu', **F64)(h)
+    h = layers.ZeroPadding2D(1, **F64)(h)
+    h = layers.Conv2D(2, 2, strides=2, padding='valid', activation='relu', **F64)(h)
+    h = layers.Flatten(**F64)(h)
+    return randomize(keras.Model(inp, layers.Dense(3, activation='softmax', **F64)(h)), 4)
+
+
+def residual_model():
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 2), **F64)
+    a = layers.Conv2D(3, 3, padding='same', activation='relu', name='stem', **F64)(inp)
+    # identity block
+    h = layers.Conv2D(3, 3, padding='same', activation='relu', name='b1c1', **F64)(a)
+    h = layers.Conv2D(3, 3, padding='same', name='b1c2', **F64)(h)
+    a = layers.Activation('relu', **F64)(layers.Add(**F64)([h, a]))
+    # strided block with a 1x1 strided projection shortcut
+    h = layers.Conv2D(4, 3, strides=2, padding='same', activation='relu', name='b2c1', **F64)(a)
+    h = layers.Conv2D(4, 3, padding='same', name='b2c2', **F64)(h)
+    s = layers.Conv2D(4, 1, strides=2, name='b2proj', **F64)(a)
+    a = layers.ReLU(**F64)(layers.Add(**F64)([h, s]))
+    a = layers.AveragePooling2D(2, **F64)(a)
+    h = layers.Dense(5, activation='relu', name='d1', **F64)(layers.Flatten(**F64)(a))
+    return randomize(keras.Model(inp, layers.Dense(4, activation='softmax', **F64)(h)), 5)
+
+
+def residual_bn_model():
+    "ResNet-v1 style: conv-BN-ReLU, conv-BN, projection conv-BN, Add, ReLU, 'same' max pooling, GAP."
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((9, 9, 1), **F64)
+    x = layers.ZeroPadding2D(1, **F64)(inp)
+    a = layers.Conv2D(2, 3, strides=2, padding='valid', activation='relu', name='stem', **F64)(x)
+    h = layers.Conv2D(3, 3, strides=2, padding='same', name='c1', **F64)(a)
+    h = layers.ReLU(**F64)(layers.BatchNormalization(name='bn1', **F64)(h))
+    h = layers.Conv2D(3, 3, padding='same', name='c2', **F64)(h)
+    h = layers.BatchNormalization(name='bn2', **F64)(h)
+    s = layers.Conv2D(3, 1, strides=2, padding='valid', name='proj', **F64)(a)
+    s = layers.BatchNormalization(name='bnp', **F64)(s)
+    x = layers.ReLU(**F64)(layers.Add(**F64)([h, s]))
+    x = layers.MaxPooling2D(2, padding='same', **F64)(x)
+    x = layers.GlobalAveragePooling2D(**F64)(x)
+    return randomize(keras.Model(inp, layers.Dense(3, activation='softmax', **F64)(x)), 6)
+
+
+FIXED = [(seq_model, 3, 6, None), (seq_avg_model, 4, 6, None), (bn_model, 3, 5, None), (zeropad_model, 3, 4, None),
+         (residual_model, 4, 6, None), (residual_bn_model, 3, 6, [0, 2])]
+
+
+@pytest.mark.parametrize('build,N,E,classes', FIXED, ids=[f[0].__name__ for f in FIXED])
+def test_fixed_models(build, N, E, classes):
+    m = build()
+    x, y = make_data(m.inputs[0].shape[1:], N, E + 2, seed=N + E)
+    frac, bi = check(m, x, y, E, classes)
+    assert 0 < frac < 1          # some nodes removed by CI+TI, some kept: the comparison is not vacuous
+    FIXED_BI[build.__name__] = bi
+
+
+FIXED_BI = {}
+
+
+def test_mc_bi_removes_something():
+    "Across the fixed models MC-BI does remove nodes (so its comparison is not vacuous either)."
+    if len(FIXED_BI) < len(FIXED): pytest.skip('needs the fixed-model tests in the same run')
+    assert sum(FIXED_BI.values()) > 0, FIXED_BI
+    assert sum(v > 0 for v in FIXED_BI.values()) >= 3, FIXED_BI
+
+
+def test_resnet8_mc_bi():
+    "The library's ResNet v1 (depth 8, identity and strided 1x1 projection shortcuts, BN) under random position masks."
+    from cnnmodules.models import resnet_v1
+    keras.utils.set_random_seed(0)
+    m = resnet_v1(8, 3, input_shape=(8, 8, 1), batch_norm=True)
+    g = LayerGraph(m)
+    rng = np.random.default_rng(0)
+    keep = [(rng.random((2,) + s[:-1] + (1,)) < 0.6) & (rng.random((2,) + s) < 0.9) for s in g.node_shapes]
+    fast = modularize(g, keep, [0, 2], steps=('ci', 'ti', 'mc', 'bi'))[0]
+    for name, a, b in zip(g.node_names, fast, reference_mc_bi(m, keep)):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+# ---------------------------------------------------------------- random architectures
+
+@st.composite
+def architectures(draw):
+    H = draw(st.integers(5, 9)); W = draw(st.integers(5, 9)); C = draw(st.integers(1, 2))
+    convs = []
+    h, w = H, W
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.integers(1, 3)); s = draw(st.integers(1, 2)); pad = draw(st.sampled_from(['same', 'valid']))
+        if pad == 'valid' and (h < k or w < k): pad = 'same'
+        act = draw(st.sampled_from(['relu', 'linear+relu', 'bn+relu']))
+        convs.append(dict(f=draw(st.integers(2, 3)), k=k, s=s, pad=pad, act=act))
+        h, w = ((h - k) // s + 1, (w - k) // s + 1) if pad == 'valid' else (-(-h // s), -(-w // s))
+    spec = dict(shape=(H, W, C), convs=convs)
+    spec['zeropad'] = draw(st.sampled_from([None, 1, ((0, 1), (1, 0))]))
+    spec['pool'] = None
+    if draw(st.booleans()):
+        p = draw(st.integers(2, 3)); ps = draw(st.integers(1, 2)); ppad = draw(st.sampled_from(['same', 'valid']))
+        if ppad == 'valid' and (h < p or w < p): ppad = 'same'
+        spec['pool'] = dict(kind=draw(st.sampled_from(['max', 'avg'])), p=p, s=ps, pad=ppad)
+    spec['residual'] = None
+    if draw(st.booleans()):
+        spec['residual'] = dict(f=draw(st.integers(2, 3)), k=draw(st.integers(1, 3)), s=draw(st.integers(1, 2)),
+                                proj=draw(st.booleans()))
+    spec['dense'] = draw(st.sampled_from([None, 3, 5]))
+    spec['gap'] = draw(st.booleans())
+    spec['N'] = draw(st.integers(3, 4)); spec['E'] = draw(st.integers(3, 6))
+    spec['seed'] = draw(st.integers(0, 10_000))
+    spec['bias'] = draw(st.sampled_from([(-0.15, 0.1), (-0.05, 0.1), (-0.3, 0.2), (0.0, 0.05)]))
+    return spec
+
+
+def build(spec):
+    keras.utils.set_random_seed(spec['seed'])
+    inp = keras.Input(spec['shape'], **F64)
+    x = inp
+    if spec['zeropad'] is not None: x = layers.ZeroPadding2D(spec['zeropad'], **F64)(x)
+    for c in spec['convs']:
+        if c['act'] == 'relu':
+            x = layers.Conv2D(c['f'], c['k'], strides=c['s'], padding=c['pad'], activation='relu', **F64)(x)
+        else:
+            x = layers.Conv2D(c['f'], c['k'], strides=c['s'], padding=c['pad'], **F64)(x)
+            if c['act'] == 'bn+relu': x = layers.BatchNormalization(**F64)(x)
+            x = layers.ReLU(**F64)(x)
+    r = spec['residual']
+    if r is not None:
+        h = layers.Conv2D(r['f'], r['k'], strides=r['s'], padding='same', activation='relu', **F64)(x)
+        h = layers.Conv2D(r['f'], r['k'], padding='same', **F64)(h)
+        if r['proj'] or r['s'] != 1 or x.shape[-1] != r['f']:
+            sc = layers.Conv2D(r['f'], 1, strides=r['s'], padding='same', **F64)(x)
+        else: sc = x
+        x = layers.Activation('relu', **F64)(layers.Add(**F64)([h, sc]))
+    p = spec['pool']
+    if p is not None:
+        Pool = layers.MaxPooling2D if p['kind'] == 'max' else layers.AveragePooling2D
+        if p['pad'] == 'valid' and (x.shape[1] < p['p'] or x.shape[2] < p['p']): p = dict(p, pad='same')
+        x = Pool(p['p'], strides=p['s'], padding=p['pad'], **F64)(x)
+    x = layers.GlobalAveragePooling2D(**F64)(x) if spec['gap'] else layers.Flatten(**F64)(x)
+    if spec['dense']: x = layers.Dropout(0.1, **F64)(layers.Dense(spec['dense'], activation='relu', **F64)(x))
+    m = keras.Model(inp, layers.Dense(spec['N'], activation='softmax', **F64)(x))
+    return randomize(m, spec['seed'], spec['bias'])
+
+
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures())
+def test_random_architectures(spec):
+    m = build(spec)
+    x, y = make_data(spec['shape'], spec['N'], spec['E'] + 1, seed=spec['seed'])
+    check(m, x, y, spec['E'], seed=spec['seed'])
