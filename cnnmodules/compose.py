@@ -10,7 +10,7 @@ from tqdm import tqdm
 from .graph import DecompositionError, forward
 from .modules import ModuleSet, graph_of
 from .models import topk_accuracy
-from .jaccard import jaccard
+from .jaccard import jaccard as jaccard_index
 
 # %% auto #0
 __all__ = ['vote', 'module_scores', 'evaluate_modules']
@@ -99,7 +99,5 @@ def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, j
     nv = (pc > pu).sum(1)
     out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(pc, y, 5), 'mode': mode, 'n': int(len(y)),
            'voters': {'none': float((nv == 0).mean()), 'one': float((nv == 1).mean()), 'several': float((nv > 1).mean())}}
-    if jaccard: out['jaccard'] = _jaccard(ms)
+    if jaccard: out['jaccard'] = jaccard_index(ms)
     return out
-
-_jaccard = jaccard

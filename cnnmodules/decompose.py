@@ -43,8 +43,8 @@ def decompose(model,                       # a trained Keras classifier (functio
     cls = list(range(N)) if classes is None else [int(c) for c in classes]
     auto_e = n_concerned is None
     if auto_e:
-        counts = np.bincount(y.astype('int64'), minlength=N)
-        n_concerned = int(min(1000, counts[cls].min()))
+        per_class = np.bincount(y.astype('int64'), minlength=N)
+        n_concerned = int(min(1000, per_class[cls].min()))
     s = sample_inputs(y, N, n_concerned, cls, seed)
     t1 = time.perf_counter()
     counts = activation_counts(g, x, s, batch_size=batch_size, progress=progress)

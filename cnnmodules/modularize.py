@@ -69,9 +69,7 @@ def backtrack(graph:LayerGraph, op_idx:int, removed:np.ndarray, keep:list, throu
             continue
         k = op.kind
         if k == 'input': continue
-        if k in ('relu', 'identity', 'bn', 'conv', 'dense'):
-            # conv/dense here only as the linear producer of a fused-BN node, reached through that node: not possible
-            stack.append((op.inputs[0], r))
+        if k in ('relu', 'identity', 'bn'): stack.append((op.inputs[0], r))
         elif k == 'add': stack.extend((j, r) for j in op.inputs)
         elif k == 'flatten': stack.append((op.inputs[0], r.reshape((r.shape[0],) + graph.ops[op.inputs[0]].shape)))
         elif k == 'zeropad':

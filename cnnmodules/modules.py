@@ -101,6 +101,7 @@ class ModuleSet:
         if len(shapes) > 1:
             raise DecompositionError(f'modules compose only when their input shapes match; got {sorted(shapes)}: resize the inputs of one dataset to the other (cnnmodules.data.resize)')
         self.name = name
+        self.removed, self.timings = {}, {}   # filled by `decompose`: nodes removed per step, seconds per phase
     def __len__(self): return len(self.modules)
     def __iter__(self): return iter(self.modules)
     def __getitem__(self, i):
