@@ -13,7 +13,7 @@ from .models import topk_accuracy
 from .jaccard import jaccard as jaccard_index
 
 # %% auto #0
-__all__ = ['vote', 'module_scores', 'evaluate_modules']
+__all__ = ['vote', 'vote_margin', 'module_logits', 'module_scores', 'evaluate_modules']
 
 # %% ../nbs/08_compose.ipynb #f51d2a50
 def vote(pc:np.ndarray, # (n, M) p_concerned
@@ -23,6 +23,12 @@ def vote(pc:np.ndarray, # (n, M) p_concerned
     voters = pc > pu
     score = np.where(voters, pc, -np.inf)
     return np.where(voters.any(1), score.argmax(1), pc.argmax(1))
+
+def vote_margin(margin:np.ndarray, # (n, M) logit margins z_concerned - z_unconcerned
+               ) -> np.ndarray:
+    "The voting rule on logit margins: p_concerned = σ(margin), so the order is the same, without saturation."
+    voters = margin > 0
+    return np.where(voters.any(1), np.where(voters, margin, -np.inf).argmax(1), margin.argmax(1))
 
 # %% ../nbs/08_compose.ipynb #ef5dd6cf
 def _group_by_parent(ms):
@@ -38,7 +44,7 @@ def _float(x, dtype):
     return (x.astype('float32') / 255.0 if x.dtype == np.uint8 else x).astype(dtype)
 
 def _score_fn(g, mode):
-    "The batched scoring `tf.function` of graph `g`, built once per graph and mode; masks and heads are arguments."
+    "The batched `tf.function` of graph `g` giving (B, M, 2) head logits, built once per graph and mode; masks and heads are arguments."
     import tensorflow as tf
     cache = g.__dict__.setdefault('_score_fns', {})
     if mode not in cache:
@@ -48,12 +54,11 @@ def _score_fn(g, mode):
                 M = tf.shape(hk)[0]
                 h = forward(g, xb, masks, n_modules=M)
                 h = tf.reshape(h, [M, tf.shape(xb)[0], -1])
-                return tf.nn.softmax(tf.einsum('mbd,mdk->bmk', h, hk) + hb[None], -1)
+                return tf.einsum('mbd,mdk->bmk', h, hk) + hb[None]
         elif mode == 'fused':
             @tf.function(reduce_retracing=True)
             def f(xb, masks, hk, hb):
-                h = forward(g, xb)
-                return tf.nn.softmax(tf.einsum('bd,mdk->bmk', h, hk) + hb[None], -1)
+                return tf.einsum('bd,mdk->bmk', forward(g, xb), hk) + hb[None]
         else: raise DecompositionError(f"mode must be 'exact' or 'fused'; got {mode!r}")
         cache[mode] = f
     return cache[mode]
@@ -68,14 +73,14 @@ def _scorer(parent, mods, mode):
     masks = [tf.constant(np.stack([m.masks[j] for m in mods]), dt) for j in range(len(g.node_ops))] if mode == 'exact' else []
     return lambda xb: f(tf.constant(xb), masks, hk, hb)
 
-def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False):
-    "(p_concerned, p_unconcerned), each (n, len(ms)), for inputs `x`."
+def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False) -> np.ndarray:
+    "(n, len(ms), 2) head logits [z_concerned, z_unconcerned] of every module for inputs `x`."
     x = np.asarray(x)
     if tuple(x.shape[1:]) != tuple(ms.input_shape):
         raise DecompositionError(f'inputs have shape {tuple(x.shape[1:])} but the modules expect {tuple(ms.input_shape)}')
     n = len(x)
-    pc, pu = np.zeros((n, len(ms)), 'float64'), np.zeros((n, len(ms)), 'float64')
-    if n == 0: return pc, pu
+    z = np.zeros((n, len(ms), 2), 'float64')
+    if n == 0: return z
     for parent, idx in _group_by_parent(ms):
         f = _scorer(parent, [ms.modules[i] for i in idx], mode)
         bs = batch_size if mode == 'fused' else max(1, min(batch_size, budget // len(idx)))
@@ -84,9 +89,14 @@ def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:
         for s in tqdm(range(0, n, bs), desc=f'{mode} composition', unit='batch', disable=not progress, leave=False):
             xb = _float(x[s:s + bs], dt); m = len(xb)
             if m < bs: xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)])  # one trace for all batches
-            p = f(xb).numpy()[:m]
-            pc[s:s + m, idx], pu[s:s + m, idx] = p[..., 0], p[..., 1]
-    return pc, pu
+            z[s:s + m, idx] = f(xb).numpy()[:m]
+    return z
+
+def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False):
+    "(p_concerned, p_unconcerned), each (n, len(ms)), for inputs `x`."
+    z = module_logits(ms, x, mode, batch_size, budget, progress)
+    half = (z[..., 0] - z[..., 1]) / 2       # softmax over two logits, written without overflow
+    return 0.5 * (1 + np.tanh(half)), 0.5 * (1 - np.tanh(half))
 
 # %% ../nbs/08_compose.ipynb #9920f432
 def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False) -> dict:
@@ -94,10 +104,11 @@ def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, j
     y = np.asarray(y).astype('int64')
     if len(y) != len(x): raise DecompositionError(f'{len(x)} inputs but {len(y)} labels')
     if len(y) and (y.min() < 0 or y.max() >= len(ms)): raise DecompositionError(f'labels must be 0..{len(ms) - 1} (positions in the module set); found {y.min()}..{y.max()}')
-    pc, pu = module_scores(ms, x, mode, batch_size, progress=progress)
-    pred = vote(pc, pu)
-    nv = (pc > pu).sum(1)
-    out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(pc, y, 5), 'mode': mode, 'n': int(len(y)),
+    z = module_logits(ms, x, mode, batch_size, progress=progress)
+    margin = z[..., 0] - z[..., 1]
+    pred = vote_margin(margin)
+    nv = (margin > 0).sum(1)
+    out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(margin, y, 5), 'mode': mode, 'n': int(len(y)),
            'voters': {'none': float((nv == 0).mean()), 'one': float((nv == 1).mean()), 'several': float((nv > 1).mean())}}
     if jaccard: out['jaccard'] = jaccard_index(ms)
     return out
