@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from .graph import DecompositionError, forward
 from .modules import ModuleSet, graph_of
-from .models import topk_accuracy
+from .models import topk_accuracy, model_input
 from .jaccard import jaccard as jaccard_index
 
 # %% auto #0
@@ -38,10 +38,6 @@ def _group_by_parent(ms):
             if p is m.parent: idx.append(i); break
         else: groups.append((m.parent, [i]))
     return groups
-
-def _float(x, dtype):
-    x = np.asarray(x)
-    return (x.astype('float32') / 255.0 if x.dtype == np.uint8 else x).astype(dtype)
 
 def _score_fn(g, mode):
     "The batched `tf.function` of graph `g` giving (B, M, 2) head logits, built once per graph and mode; masks and heads are arguments."
@@ -87,7 +83,7 @@ def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:
         dt = parent.inputs[0].dtype
         bs = min(bs, n)
         for s in tqdm(range(0, n, bs), desc=f'{mode} composition', unit='batch', disable=not progress, leave=False):
-            xb = _float(x[s:s + bs], dt); m = len(xb)
+            xb = model_input(x[s:s + bs], dt); m = len(xb)
             if m < bs: xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)])  # one trace for all batches
             z[s:s + m, idx] = f(xb).numpy()[:m]
     return z

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .graph import LayerGraph, DecompositionError, forward
+from .models import model_input
 
 # %% auto #0
 __all__ = ['Sample', 'sample_inputs', 'ActivationCounts', 'activation_counts', 'kept_nodes']
@@ -56,10 +57,6 @@ def sample_inputs(y:np.ndarray,          # (n,) integer training labels
     return Sample(np.concatenate(idx), np.concatenate(lab), np.concatenate(tan), n_concerned, k, classes)
 
 # %% ../nbs/03_concern.ipynb #c016feaa
-def _to_float(x):
-    x = np.asarray(x)
-    return x.astype('float32') / 255.0 if x.dtype == np.uint8 else x
-
 def _count_step(graph):
     "The graph's counting step as a `tf.function`, built once per graph (tracing is the expensive part on small inputs)."
     import tensorflow as tf
@@ -88,7 +85,7 @@ def activation_counts(graph:LayerGraph, x:np.ndarray, sample:Sample, batch_size:
     if tuple(np.shape(x)[1:]) != tuple(graph.input_shape):
         raise DecompositionError(f'inputs have shape {tuple(np.shape(x)[1:])} but the model expects {tuple(graph.input_shape)}')
     N = graph.num_classes
-    dtype = graph.model.inputs[0].dtype if hasattr(graph.model, 'inputs') else 'float32'
+    dtype = graph.model.inputs[0].dtype
     step = _count_step(graph)
     cnt = np.uint16 if sample.n_concerned < 65535 else np.int64
     acc = [np.zeros((2 * N, int(np.prod(s))), cnt) for s in graph.node_shapes]
@@ -96,7 +93,7 @@ def activation_counts(graph:LayerGraph, x:np.ndarray, sample:Sample, batch_size:
     bs = min(batch_size, n)
     for i in tqdm(range(0, n, bs), desc='concern identification', unit='batch', disable=not progress, leave=False):
         sl = slice(i, min(i + bs, n))
-        xb = _to_float(x[sample.index[sl]])
+        xb = model_input(x[sample.index[sl]], dtype)
         oh = np.eye(N, dtype='float32')[sample.label[sl]]
         w = np.concatenate([oh, oh * sample.tangling[sl, None]], axis=1)
         if len(xb) < bs:   # pad the last batch (zero weights count nothing) so the graph is traced once

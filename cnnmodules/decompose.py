@@ -80,11 +80,11 @@ def timed(f, repeats:int=3) -> float:
 
 def decompose_vs_predict(model, x, y, repeats:int=3, **kw) -> dict:
     "Median seconds of `decompose(model, x, y, **kw)` and of `model.predict` on the same sampled inputs, and their ratio."
-    from cnnmodules.data import to_float
+    from cnnmodules.models import model_input
     ms = decompose(model, x, y, progress=False, **kw)
     idx = sample_inputs(np.asarray(y).reshape(-1), graph_of(model).num_classes, ms[0].provenance['n_concerned'],
                         [m.class_index for m in ms], kw.get('seed', 0)).index
-    xs = to_float(np.asarray(x)[idx]) if np.asarray(x).dtype == np.uint8 else np.asarray(x)[idx]
+    xs = model_input(np.asarray(x)[idx])
     model.predict(xs[:8], verbose=0)   # build the predict function before timing
     t_dec = timed(lambda: decompose(model, x, y, progress=False, **kw), repeats)
     t_pred = timed(lambda: model.predict(xs, batch_size=kw.get('batch_size', 256), verbose=0), repeats)
