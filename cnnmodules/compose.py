@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from .graph import DecompositionError, forward
-from .modules import ModuleSet, graph_of
-from .models import topk_accuracy, model_input
+from .graph import DecompositionError, forward, graph_of, model_input
+from .modules import ModuleSet
+from .models import topk_accuracy
 from .jaccard import jaccard as jaccard_index
 
 # %% auto #0
@@ -34,9 +34,9 @@ def vote_margin(margin:np.ndarray, # (n, M) logit margins z_concerned - z_unconc
 def _group_by_parent(ms):
     groups = []
     for i, m in enumerate(ms.modules):
-        for p, idx in groups:
-            if p is m.parent: idx.append(i); break
-        else: groups.append((m.parent, [i]))
+        for p, rule, idx in groups:
+            if p is m.parent and rule == m.linear_nodes: idx.append(i); break
+        else: groups.append((m.parent, m.linear_nodes, [i]))
     return groups
 
 def _score_fn(g, mode):
@@ -61,7 +61,7 @@ def _score_fn(g, mode):
 
 def _scorer(parent, mods, mode):
     import tensorflow as tf
-    g = graph_of(parent)
+    g = mods[0].graph
     dt = parent.inputs[0].dtype
     f = _score_fn(g, mode)
     hk = tf.constant(np.stack([m.head_kernel * m.head_keep[:, None] for m in mods]), dt)   # (M, d, 2)
@@ -77,7 +77,7 @@ def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:
     n = len(x)
     z = np.zeros((n, len(ms), 2), 'float64')
     if n == 0: return z
-    for parent, idx in _group_by_parent(ms):
+    for parent, _, idx in _group_by_parent(ms):
         f = _scorer(parent, [ms.modules[i] for i in idx], mode)
         bs = batch_size if mode == 'fused' else max(1, min(batch_size, budget // len(idx)))
         dt = parent.inputs[0].dtype

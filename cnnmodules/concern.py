@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .graph import LayerGraph, DecompositionError, forward
-from .models import model_input
+from .graph import model_input
 
 # %% auto #0
 __all__ = ['Sample', 'sample_inputs', 'ActivationCounts', 'activation_counts', 'kept_nodes']

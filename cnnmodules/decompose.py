@@ -9,10 +9,10 @@ import time
 import numpy as np
 
 import cnnmodules
-from .graph import DecompositionError, model_hash
+from .graph import DecompositionError, model_hash, graph_of
 from .concern import sample_inputs, activation_counts, kept_nodes
 from .modularize import modularize
-from .modules import Module, ModuleSet, graph_of
+from .modules import Module, ModuleSet
 
 # %% auto #0
 __all__ = ['decompose', 'timed', 'decompose_vs_predict']
@@ -80,7 +80,7 @@ def timed(f, repeats:int=3) -> float:
 
 def decompose_vs_predict(model, x, y, repeats:int=3, **kw) -> dict:
     "Median seconds of `decompose(model, x, y, **kw)` and of `model.predict` on the same sampled inputs, and their ratio."
-    from cnnmodules.models import model_input
+    from cnnmodules.graph import model_input
     ms = decompose(model, x, y, progress=False, **kw)
     idx = sample_inputs(np.asarray(y).reshape(-1), graph_of(model).num_classes, ms[0].provenance['n_concerned'],
                         [m.class_index for m in ms], kw.get('seed', 0)).index

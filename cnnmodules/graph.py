@@ -5,14 +5,14 @@
 # %% ../nbs/02_graph.ipynb #918081fc
 from __future__ import annotations
 from dataclasses import dataclass, field
-import hashlib
+import hashlib, weakref
 
 import numpy as np
 import keras
 from keras import layers
 
 # %% auto #0
-__all__ = ['SUPPORTED', 'DecompositionError', 'Op', 'LayerGraph', 'model_hash', 'forward']
+__all__ = ['SUPPORTED', 'DecompositionError', 'Op', 'LayerGraph', 'model_hash', 'graph_of', 'model_input', 'forward']
 
 # %% ../nbs/02_graph.ipynb #f617355f
 class DecompositionError(ValueError):
@@ -88,8 +88,9 @@ def _as_functional(model):
 
 class LayerGraph:
     "The supported layers of a Keras classifier in topological order, with its hidden nodes and head."
-    def __init__(self, model:keras.Model):
-        self.model = model
+    def __init__(self, model:keras.Model, linear_nodes:str='backtrack'):
+        if linear_nodes not in ('backtrack', 'paper'): raise DecompositionError(f"linear_nodes must be 'backtrack' or 'paper'; got {linear_nodes!r}")
+        self.model, self.linear_nodes = model, linear_nodes
         fm = _as_functional(model)
         if len(fm.inputs) != 1 or len(fm.outputs) != 1:
             raise DecompositionError(f"model '{model.name}' must have one input and one output; it has {len(fm.inputs)} and {len(fm.outputs)}")
@@ -155,6 +156,22 @@ def model_hash(model:keras.Model) -> str:
         h.update(f'{type(l).__name__}:{l.name};'.encode())
         for w in l.get_weights(): h.update(str(w.shape).encode()); h.update(np.ascontiguousarray(w).tobytes())
     return h.hexdigest()
+
+# %% ../nbs/02_graph.ipynb #ec70345d
+_graphs = weakref.WeakKeyDictionary()
+
+def graph_of(model:keras.Model, linear_nodes:str='backtrack') -> LayerGraph:
+    "The (cached) `LayerGraph` of `model` under the node rule `linear_nodes`."
+    per_model = _graphs.setdefault(model, {})
+    g = per_model.get(linear_nodes)
+    if g is None: g = per_model[linear_nodes] = LayerGraph(model, linear_nodes=linear_nodes)
+    return g
+
+# %% ../nbs/02_graph.ipynb #8f336b51
+def model_input(x, dtype='float32') -> np.ndarray:
+    "Inputs as a model takes them: uint8 images scaled to [0, 1], anything else cast to `dtype` as given."
+    x = np.asarray(x)
+    return (np.divide(x, np.float32(255), dtype=np.float32) if x.dtype == np.uint8 else x).astype(dtype, copy=False)
 
 # %% ../nbs/02_graph.ipynb #87409396
 def _call(op, xs):

@@ -12,10 +12,11 @@ import keras
 from keras import layers
 
 from .data import Dataset, to_float
+from .graph import model_input
 
 # %% auto #0
-__all__ = ['resnet_v1', 'small_cnn', 'topk_accuracy', 'model_input', 'evaluate', 'atomic_write_bytes', 'save_model_atomic',
-           'BestCheckpoint', 'train_val_split', 'train']
+__all__ = ['resnet_v1', 'small_cnn', 'topk_accuracy', 'evaluate', 'atomic_write_bytes', 'save_model_atomic', 'BestCheckpoint',
+           'train_val_split', 'train']
 
 # %% ../nbs/01_models.ipynb #696a81f7
 def _conv(filters, kernel=3, strides=1, name=None):
@@ -81,11 +82,6 @@ def topk_accuracy(scores:np.ndarray, # (n, N) class scores
     k = min(k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return float((top == y[:, None]).any(axis=1).mean())
-
-def model_input(x, dtype='float32') -> np.ndarray:
-    "Inputs as a model takes them: uint8 images scaled to [0, 1] (as `to_float`), anything else cast to `dtype` as given."
-    x = np.asarray(x)
-    return (to_float(x) if x.dtype == np.uint8 else x).astype(dtype, copy=False)
 
 def evaluate(model:keras.Model, x, y, batch_size:int=256) -> dict:
     "Top-1 and top-5 accuracy of `model` on `x` (uint8 images are scaled to [0, 1]) against labels `y`."

@@ -5,17 +5,17 @@
 # %% ../nbs/06_modules.ipynb #cfca20cd
 from __future__ import annotations
 from dataclasses import dataclass, field
-import io, json, os, tempfile, weakref, zipfile
+import io, json, os, tempfile, zipfile
 from pathlib import Path
 
 import numpy as np
 import keras
 from keras import layers
 
-from .graph import LayerGraph, DecompositionError, model_hash
+from .graph import LayerGraph, DecompositionError, model_hash, graph_of
 
 # %% auto #0
-__all__ = ['FORMAT', 'NodeMask', 'graph_of', 'Module', 'ModuleSet']
+__all__ = ['FORMAT', 'NodeMask', 'Module', 'ModuleSet']
 
 # %% ../nbs/06_modules.ipynb #f93e5e0c
 @keras.saving.register_keras_serializable(package='cnnmodules')
@@ -36,14 +36,6 @@ class NodeMask(layers.Layer):
     def get_config(self): return {**super().get_config(), 'shape': list(self.mask_shape)}
 
 # %% ../nbs/06_modules.ipynb #25a74add
-_graphs = weakref.WeakKeyDictionary()
-
-def graph_of(model:keras.Model) -> LayerGraph:
-    "The (cached) `LayerGraph` of `model`."
-    g = _graphs.get(model)
-    if g is None: g = _graphs[model] = LayerGraph(model)
-    return g
-
 @dataclass(eq=False)
 class Module:
     "A binary classifier for one class: the parent's network with removed nodes masked, and a 2-unit head."
@@ -57,7 +49,9 @@ class Module:
     provenance: dict = field(default_factory=dict)
 
     @property
-    def graph(self) -> LayerGraph: return graph_of(self.parent)
+    def graph(self) -> LayerGraph: return graph_of(self.parent, self.linear_nodes)
+    @property
+    def linear_nodes(self) -> str: return self.provenance.get('linear_nodes', 'backtrack')
     @property
     def input_shape(self): return tuple(self.graph.input_shape)
     @property
@@ -179,7 +173,7 @@ class ModuleSet:
                 mods = []
                 for i, e in enumerate(manifest['modules']):
                     p = parents[e['parent']]
-                    g = graph_of(p)
+                    g = graph_of(p, e['provenance'].get('linear_nodes', 'backtrack'))
                     if [tuple(s) for s in e['mask_shapes']] != g.node_shapes: raise DecompositionError(f'{path}: module {i} masks do not fit its parent')
                     masks = [np.unpackbits(arrays[f'm{i}_{j}'], count=int(np.prod(s))).astype(bool).reshape(s) for j, s in enumerate(g.node_shapes)]
                     hk = arrays[f'hk{i}']

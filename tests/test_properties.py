@@ -32,7 +32,8 @@ from hypothesis import given, settings, assume, event, currently_in_test_context
 from cnnmodules.graph import LayerGraph, forward, DecompositionError
 from cnnmodules.concern import sample_inputs
 from cnnmodules.modularize import channel_head
-from cnnmodules.modules import Module, ModuleSet, graph_of
+from cnnmodules.modules import Module, ModuleSet
+from cnnmodules.graph import graph_of
 from cnnmodules.compose import module_scores, vote
 from cnnmodules.decompose import decompose
 

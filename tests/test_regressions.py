@@ -3,7 +3,8 @@ import numpy as np
 import keras
 from keras import layers
 
-from cnnmodules.modules import Module, ModuleSet, graph_of
+from cnnmodules.modules import Module, ModuleSet
+from cnnmodules.graph import graph_of
 from cnnmodules.modularize import channel_head
 from cnnmodules.jaccard import jaccard_positional
 
