@@ -23,6 +23,7 @@ def decompose(model,                       # a trained Keras classifier (functio
               *, n_concerned:int|None=None, # E: concerned inputs per module (None: min(1000, smallest class))
               steps=('ci', 'ti', 'mc', 'blc'),
               delta:float=0.5,             # δ of MC-BLN
+              linear_nodes:str='backtrack', # 'backtrack': linear layers' outputs are removed only by backtracking; 'paper': masked when ≤ 0 like ReLU outputs
               classes=None,                # class indices to build modules for (default: all)
               seed:int=0,
               class_names=None,            # names of the classes (default: their indices)
@@ -32,7 +33,7 @@ def decompose(model,                       # a trained Keras classifier (functio
              ) -> ModuleSet:
     "Decompose `model` into one module per class (a `ModuleSet`, position i = class `classes[i]`)."
     t0 = time.perf_counter()
-    g = graph_of(model)
+    g = graph_of(model, linear_nodes)
     N = g.num_classes
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     if len(x) != len(y): raise DecompositionError(f'{len(x)} inputs but {len(y)} labels')
@@ -59,7 +60,7 @@ def decompose(model,                       # a trained Keras classifier (functio
     for i, c in enumerate(cls):
         prov = {'parent_hash': phash, 'parent_name': model.name, 'dataset': dataset, 'class_index': c,
                 'n_concerned': s.n_concerned, 'n_concerned_auto': auto_e, 'n_tangling': s.n_tangling,
-                'steps': list(steps), 'delta': delta, 'seed': seed, 'cnnmodules': cnnmodules.__version__,
+                'steps': list(steps), 'delta': delta, 'linear_nodes': linear_nodes, 'seed': seed, 'cnnmodules': cnnmodules.__version__,
                 'nodes': total,
                 'kept_ci': int(sum(k[i].sum() for k in ci)) if ci is not None else total,
                 'kept': int(sum(k[i].sum() for k in keep)), 'head_inputs_removed': int((~hkeep[i]).sum())}

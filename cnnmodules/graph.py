@@ -12,21 +12,23 @@ import keras
 from keras import layers
 
 # %% auto #0
-__all__ = ['SUPPORTED', 'DecompositionError', 'Op', 'LayerGraph', 'model_hash', 'graph_of', 'model_input', 'forward']
+__all__ = ['SUPPORTED', 'LINEAR_NODES', 'DecompositionError', 'Op', 'LayerGraph', 'model_hash', 'graph_of', 'model_input',
+           'forward']
 
 # %% ../nbs/02_graph.ipynb #f617355f
 class DecompositionError(ValueError):
     "A model, input or module the decomposition cannot handle; the message says what was expected."
 
-SUPPORTED = ('InputLayer', 'Conv2D', 'Dense', 'Add', 'Activation', 'ReLU', 'MaxPooling2D', 'AveragePooling2D',
-             'GlobalAveragePooling2D', 'Flatten', 'BatchNormalization', 'Dropout', 'ZeroPadding2D')
+SUPPORTED = ('InputLayer', 'Rescaling', 'Normalization', 'Conv2D', 'Dense', 'Add', 'Activation', 'ReLU', 'MaxPooling2D',
+             'AveragePooling2D', 'GlobalAveragePooling2D', 'Flatten', 'BatchNormalization', 'Dropout', 'ZeroPadding2D')
+LINEAR_NODES = ('backtrack', 'paper')
 
 @dataclass
 class Op:
     "One layer call of the model's graph."
     idx: int                 # position in topological order
     name: str                # layer name
-    kind: str                # input, conv, dense, add, relu, bn, maxpool, avgpool, gap, flatten, identity, zeropad, head
+    kind: str                # input, affine, conv, dense, add, relu, bn, maxpool, avgpool, gap, flatten, identity, zeropad, head
     layer: object            # the Keras layer (None for the input)
     inputs: list             # indices of the ops feeding this one
     shape: tuple             # output shape without the batch axis
@@ -45,22 +47,25 @@ def _check_conv(l):
     if c.get('groups', 1) != 1: raise DecompositionError(f"layer '{l.name}': grouped Conv2D (groups={c['groups']}) is not supported")
     if c.get('data_format', 'channels_last') != 'channels_last': raise DecompositionError(f"layer '{l.name}': data_format must be 'channels_last'")
 
-def _kind(l, is_output):
+def _kind(l, is_head):
     cls = type(l).__name__
     if cls not in SUPPORTED:
         raise DecompositionError(f"layer '{l.name}' of type {cls} is not supported; supported layers: {', '.join(SUPPORTED)}")
     if cls in ('Conv2D', 'Dense'):
         act = _act_name(l.activation)
-        if is_output:
+        if is_head:
             if cls != 'Dense' or act not in ('softmax', 'linear'):
                 raise DecompositionError(f"the output layer '{l.name}' must be a Dense layer with softmax or linear activation; got {cls} with {act}")
             return 'head'
+        if act == 'softmax': raise DecompositionError(f"layer '{l.name}': softmax is supported only as the output layer's activation; hidden layers must use ReLU")
         if act not in ('relu', 'linear'):
             raise DecompositionError(f"layer '{l.name}': hidden activation '{act}' is not supported; hidden layers must use ReLU (or be linear and followed by ReLU)")
         if cls == 'Conv2D': _check_conv(l)
         return 'conv' if cls == 'Conv2D' else 'dense'
     if cls == 'Activation':
         act = _act_name(l.activation)
+        if act == 'softmax': raise DecompositionError(f"layer '{l.name}': softmax is supported only as the output layer's activation (after the output Dense)")
+        if act == 'linear': return 'identity'
         if act != 'relu': raise DecompositionError(f"layer '{l.name}': hidden activation '{act}' is not supported; only ReLU")
         return 'relu'
     if cls == 'ReLU':
@@ -74,8 +79,8 @@ def _kind(l, is_output):
     if cls == 'GlobalAveragePooling2D':
         if l.get_config().get('keepdims'): raise DecompositionError(f"layer '{l.name}': GlobalAveragePooling2D with keepdims=True is not supported")
         return 'gap'
-    return {'InputLayer': 'input', 'Add': 'add', 'Flatten': 'flatten', 'BatchNormalization': 'bn',
-            'Dropout': 'identity', 'ZeroPadding2D': 'zeropad'}[cls]
+    return {'InputLayer': 'input', 'Add': 'add', 'Flatten': 'flatten', 'BatchNormalization': 'bn', 'Rescaling': 'affine',
+            'Normalization': 'affine', 'Dropout': 'identity', 'ZeroPadding2D': 'zeropad'}[cls]
 
 # %% ../nbs/02_graph.ipynb #da3a1956
 def _as_functional(model):
@@ -86,52 +91,101 @@ def _as_functional(model):
     if not getattr(model, 'inputs', None): raise DecompositionError(f"model '{model.name}' is not a functional or Sequential Keras model with known inputs")
     return model
 
+def _calls_on_path(fm):
+    "id(layer) -> the index of the call (inbound node) of that layer on the paths from the model's input to its output."
+    used, seen, stack = {}, set(), [fm.outputs[0]]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen: continue
+        seen.add(id(t))
+        l, ni = t._keras_history[0], t._keras_history[1]
+        if type(l).__name__ == 'InputLayer': continue
+        if isinstance(l, keras.Model): raise DecompositionError(f"layer '{l.name}' is a nested model; flatten it into one functional model")
+        if used.setdefault(id(l), ni) != ni: raise DecompositionError(f"layer '{l.name}' is called more than once in the model; shared layers are not supported")
+        stack.extend(l._inbound_nodes[ni].input_tensors)
+    return used
+
 class LayerGraph:
     "The supported layers of a Keras classifier in topological order, with its hidden nodes and head."
     def __init__(self, model:keras.Model, linear_nodes:str='backtrack'):
-        if linear_nodes not in ('backtrack', 'paper'): raise DecompositionError(f"linear_nodes must be 'backtrack' or 'paper'; got {linear_nodes!r}")
+        if linear_nodes not in LINEAR_NODES: raise DecompositionError(f"linear_nodes must be one of {LINEAR_NODES}; got {linear_nodes!r}")
         self.model, self.linear_nodes = model, linear_nodes
         fm = _as_functional(model)
         if len(fm.inputs) != 1 or len(fm.outputs) != 1:
             raise DecompositionError(f"model '{model.name}' must have one input and one output; it has {len(fm.inputs)} and {len(fm.outputs)}")
+        used = _calls_on_path(fm)
+        out_layer = fm.outputs[0]._keras_history[0]
+        head_layer, self.output_activation = out_layer, None
+        if type(out_layer).__name__ == 'Activation' and _act_name(out_layer.activation) in ('softmax', 'linear'):
+            src = out_layer._inbound_nodes[used[id(out_layer)]].input_tensors[0]._keras_history[0]
+            if type(src).__name__ != 'Dense' or _act_name(src.activation) != 'linear':
+                raise DecompositionError(f"the output layer '{out_layer.name}' is an Activation; it must follow a linear Dense output layer, not '{src.name}'")
+            head_layer, self.output_activation = src, _act_name(out_layer.activation)
         self.ops, tensor_op = [], {}
         inp = fm.inputs[0]
         self.ops.append(Op(0, 'input', 'input', None, [], tuple(inp.shape[1:])))
         tensor_op[id(inp)] = 0
-        out_layer = fm.outputs[0]._keras_history.operation
-        seen = set()
         for l in fm.layers:
-            if type(l).__name__ == 'InputLayer': continue
-            if isinstance(l, keras.Model): raise DecompositionError(f"layer '{l.name}' is a nested model; flatten it into one functional model")
-            nodes = [n for n in l._inbound_nodes]
-            if len(nodes) != 1: raise DecompositionError(f"layer '{l.name}' is called {len(nodes)} times; shared layers are not supported")
-            kind = _kind(l, l is out_layer)
-            try: ins = [tensor_op[id(t)] for t in nodes[0].input_tensors]
+            if id(l) not in used or l is out_layer and head_layer is not out_layer: continue
+            node = l._inbound_nodes[used[id(l)]]
+            kind = _kind(l, l is head_layer)
+            try: ins = [tensor_op[id(t)] for t in node.input_tensors]
             except KeyError: raise DecompositionError(f"layer '{l.name}': its input does not come from the model's input or an earlier layer") from None
-            if kind == 'add' and len(ins) < 2: raise DecompositionError(f"layer '{l.name}': Add needs at least two inputs")
+            if kind == 'add':
+                if len(ins) < 2: raise DecompositionError(f"layer '{l.name}': Add needs at least two inputs")
+                if len({self.ops[i].shape for i in ins}) > 1: raise DecompositionError(f"layer '{l.name}': Add inputs must have equal shapes (no broadcasting); got {[self.ops[i].shape for i in ins]}")
             if kind != 'add' and len(ins) != 1: raise DecompositionError(f"layer '{l.name}' has {len(ins)} inputs; only Add may merge tensors")
-            outs = nodes[0].output_tensors
-            op = Op(len(self.ops), l.name, kind, l, ins, tuple(outs[0].shape[1:]))
+            op = Op(len(self.ops), l.name, kind, l, ins, tuple(node.output_tensors[0].shape[1:]))
             self.ops.append(op)
-            tensor_op[id(outs[0])] = op.idx
+            tensor_op[id(node.output_tensors[0])] = op.idx
         for op in self.ops:
             for i in op.inputs: self.ops[i].consumers.append(op.idx)
-        if self.ops[-1].kind != 'head' or self.ops[-1].layer is not out_layer:
+        if self.ops[-1].kind != 'head' or self.ops[-1].layer is not head_layer:
             raise DecompositionError(f"model '{model.name}' must end in its Dense output layer")
-        for op in self.ops[:-1]:
-            if op.kind == 'head': raise DecompositionError(f"layer '{op.name}' feeds nothing but is not the output")
-        # node points: a hidden conv/dense, or the BN that is its only consumer
-        for op in self.ops:
-            if op.kind in ('conv', 'dense'):
-                nxt = self.ops[op.consumers[0]] if len(op.consumers) == 1 else None
-                if nxt is not None and nxt.kind == 'bn' and _act_name(op.layer.activation) == 'linear':
-                    nxt.node, nxt.fused_from = True, op.idx
-                else: op.node = True
         self.head = self.ops[-1]
         self.head_input = self.ops[self.head.inputs[0]]
         if len(self.head_input.shape) != 1: raise DecompositionError(f"the output layer '{self.head.name}' must take a flat (Flatten/Dense/GlobalAveragePooling2D) input")
+        self._check_semantics()
+        self._mark_nodes()
         self.node_ops = [op for op in self.ops if op.node]
-        if not self.node_ops: raise DecompositionError(f"model '{model.name}' has no hidden Conv2D or Dense layer")
+        if not self.node_ops: raise DecompositionError(f"model '{model.name}' has no hidden ReLU layer (no nodes to decompose)")
+
+    def _check_semantics(self):
+        "Preprocessing comes before the first weight layer; every linear hidden layer's output passes a ReLU before the next weight layer."
+        weighted = set()
+        for op in self.ops:
+            after = any(i in weighted or self.ops[i].kind in ('conv', 'dense') for i in op.inputs)
+            if after: weighted.add(op.idx)
+            if op.kind == 'affine' and after:
+                raise DecompositionError(f"layer '{op.name}' ({type(op.layer).__name__}) must come before the first Conv2D/Dense: preprocessing belongs at the model's input")
+        for op in self.ops:
+            if op.kind in ('conv', 'dense') and _act_name(op.layer.activation) == 'linear':
+                bad = self._unrectified(op.idx)
+                if bad is not None:
+                    raise DecompositionError(f"layer '{op.name}': its linear output reaches '{bad.name}' without passing a ReLU; a hidden Conv2D/Dense must be followed by a ReLU (directly, through BatchNormalization, or through an Add followed by a ReLU)")
+
+    def _unrectified(self, i, seen=None):
+        "The first weight layer (or output) reached from op `i` without passing a ReLU, or None."
+        seen = set() if seen is None else seen
+        for c in self.ops[i].consumers:
+            op = self.ops[c]
+            if op.kind == 'relu' or c in seen: continue
+            if op.kind in ('conv', 'dense', 'head'): return op
+            seen.add(c)
+            bad = self._unrectified(c, seen)
+            if bad is not None: return bad
+        return None
+
+    def _mark_nodes(self):
+        "Mark the node tensors under the node rule `self.linear_nodes`."
+        for op in self.ops:
+            if op.kind in ('conv', 'dense'):
+                if _act_name(op.layer.activation) == 'relu': op.node = True
+                elif self.linear_nodes == 'paper':   # the literal rule: every hidden Conv2D/Dense output, after a BN it folds into
+                    nxt = self.ops[op.consumers[0]] if len(op.consumers) == 1 else None
+                    if nxt is not None and nxt.kind == 'bn': nxt.node = True
+                    else: op.node = True
+            elif op.kind == 'relu' and self.linear_nodes == 'backtrack': op.node = True
 
     @property
     def num_classes(self): return self.head.shape[0]
@@ -142,11 +196,8 @@ class LayerGraph:
     @property
     def node_shapes(self): return [op.shape for op in self.node_ops]
     def n_nodes(self): return int(sum(np.prod(s) for s in self.node_shapes))
-    def producer(self, op):
-        "The Conv2D/Dense op whose weights make node `op` (itself, or the layer before a fused BN)."
-        return self.ops[getattr(op, 'fused_from', op.idx)]
     def __repr__(self):
-        return f"LayerGraph({self.model.name}: {len(self.ops)} ops, {len(self.node_ops)} node layers, {self.n_nodes():,} nodes, {self.num_classes} classes)"
+        return f"LayerGraph({self.model.name}: {len(self.ops)} ops, {len(self.node_ops)} node layers, {self.n_nodes():,} nodes, {self.num_classes} classes, linear_nodes={self.linear_nodes!r})"
 
 # %% ../nbs/02_graph.ipynb #67088472
 def model_hash(model:keras.Model) -> str:

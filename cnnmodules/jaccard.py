@@ -7,41 +7,35 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import LayerGraph
+from .modularize import live_elements
 
 # %% auto #0
 __all__ = ['jaccard_positional', 'jaccard_values', 'jaccard']
 
 # %% ../nbs/07_jaccard.ipynb #0eecf7c3
-def _layer_weights(graph, op):
-    src = graph.producer(op)
-    k = np.asarray(src.layer.kernel)
-    b = np.asarray(src.layer.bias) if src.layer.use_bias else None
-    return src, k, b
-
-def _input_mask(graph, op, module, node_i):
-    "Flat kept-mask of the input of Dense op `op` when it is read 1:1 from a node layer, else None."
+def _input_live(graph, op, live):
+    "Flat live mask of the input of Dense op `op`: the live nodes it reads 1:1 (through Flatten and element-wise layers), else its input's live elements."
     j = op.inputs[0]
     while True:
         src = graph.ops[j]
-        if src.node: return module.masks[node_i[src.idx]].reshape(-1)
-        if src.kind in ('flatten', 'relu', 'identity', 'bn'): j = src.inputs[0]
-        else: return None
+        if src.node: return live[j][0].reshape(-1)
+        if src.kind in ('flatten', 'relu', 'identity'): j = src.inputs[0]
+        else: return live[op.inputs[0]][0].reshape(-1)
 
 def _effective(graph, module):
-    "Per hidden layer: (kernel, bias, kernel-kept bool, bias-kept bool) of `module`."
-    node_i = {op.idx: i for i, op in enumerate(graph.node_ops)}
+    "Per hidden Conv2D/Dense layer: (kernel, bias, kernel-kept bool, bias-kept bool) of `module`."
+    live = live_elements(graph, [m[None] for m in module.masks], np.asarray(module.head_keep, bool)[None], through_conv=True)
     out = []
-    for op, mask in zip(graph.node_ops, module.masks):
-        src, k, b = _layer_weights(graph, op)
-        if src.kind == 'conv':
-            ch = mask.reshape(-1, mask.shape[-1]).any(0)                    # output channel keeps a position
-            kk = np.broadcast_to(ch, k.shape)
-            bk = ch
+    for op in graph.ops:
+        if op.kind not in ('conv', 'dense'): continue
+        k = np.asarray(op.layer.kernel)
+        b = np.asarray(op.layer.bias) if op.layer.use_bias else None
+        lv = live[op.idx][0]
+        if op.kind == 'conv':
+            ch = lv.reshape(-1, lv.shape[-1]).any(0)                        # output channel keeps a live position
+            kk, bk = np.broadcast_to(ch, k.shape), ch
         else:
-            inn = _input_mask(graph, src, module, node_i)
-            if inn is None: inn = np.ones(k.shape[0], bool)
-            kk = inn[:, None] & mask[None, :]
-            bk = mask
+            kk, bk = _input_live(graph, op, live)[:, None] & lv[None, :], lv
         out.append((k, b, kk, bk))
     return out
 

@@ -11,7 +11,7 @@ import numpy as np
 from .graph import LayerGraph, DecompositionError
 
 # %% auto #0
-__all__ = ['channel_head', 'window_cover', 'backtrack', 'mc_bln', 'mc_bi', 'modularize']
+__all__ = ['channel_head', 'window_cover', 'reads', 'live_elements', 'backtrack', 'head_rule', 'mc_bln', 'mc_bi', 'modularize']
 
 # %% ../nbs/04_modularize.ipynb #e4b94818
 def channel_head(kernel:np.ndarray,  # (d, N) output-layer weights
@@ -53,76 +53,83 @@ def _pool_geom(layer):
     ps = tuple(c['pool_size']); st = tuple(c['strides'] or ps)
     return ps, st, c['padding']
 
-def backtrack(graph:LayerGraph, op_idx:int, removed:np.ndarray, keep:list, through_dense=None) -> None:
-    "Carry `removed` ((m, *shape) bool, positions of op `op_idx`'s output) back to the node layers, clearing them in `keep` in place."
-    node_i = {op.idx: i for i, op in enumerate(graph.node_ops)}
-    stack = [(op_idx, removed)]
-    while stack:
-        i, r = stack.pop()
-        if not r.any(): continue
-        op = graph.ops[i]
-        if op.node:
-            keep[node_i[i]] &= ~r
-            src = graph.producer(op)
-            if through_dense is not None and src.kind == 'dense':
-                stack.append((src.inputs[0], through_dense(graph, op, keep[node_i[i]])))
-            continue
-        k = op.kind
-        if k == 'input': continue
-        if k in ('relu', 'identity', 'bn'): stack.append((op.inputs[0], r))
-        elif k == 'add': stack.extend((j, r) for j in op.inputs)
-        elif k == 'flatten': stack.append((op.inputs[0], r.reshape((r.shape[0],) + graph.ops[op.inputs[0]].shape)))
-        elif k == 'zeropad':
-            (t, bt), (l, rt) = op.layer.get_config()['padding']
-            stack.append((op.inputs[0], r[:, t:r.shape[1] - bt, l:r.shape[2] - rt]))
-        elif k in ('maxpool', 'avgpool'):
-            ps, st, pad = _pool_geom(op.layer)
-            src = graph.ops[op.inputs[0]]
-            read = window_cover(np.ones((1,) + r.shape[1:], bool), src.shape[:2], ps, st, pad)
-            stack.append((op.inputs[0], read & ~window_cover(~r, src.shape[:2], ps, st, pad)))
-        elif k == 'gap':
-            src = graph.ops[op.inputs[0]]
-            stack.append((op.inputs[0], np.broadcast_to(r[:, None, None, :], (r.shape[0],) + src.shape).copy()))
-        else: raise DecompositionError(f"cannot backtrack through layer '{op.name}' ({k})")
+def _windowed_need(r, in_hw, kernel, strides, padding):
+    "Input positions read by the windows of the live output positions `r` ((m, Ho, Wo, C)), plus positions no window reads (kept, as Algorithm 3 does)."
+    read = window_cover(np.ones((1,) + r.shape[1:], bool), in_hw, kernel, strides, padding)
+    return window_cover(r, in_hw, kernel, strides, padding) | ~read
 
-# %% ../nbs/04_modularize.ipynb #c77cb121
-def _dense_kernel(graph, node_op):
-    "Effective (in, out) kernel of a Dense node layer, with a fused BatchNormalization's scale applied."
-    src = graph.producer(node_op)
-    w = np.asarray(src.layer.kernel)
-    if node_op.kind == 'bn':
-        bn = node_op.layer
+def _dense_kernel(graph, op):
+    "Effective (in, out) kernel of Dense op `op`, with the scale of a BatchNormalization that is its only consumer applied."
+    w = np.asarray(op.layer.kernel)
+    nxt = graph.ops[op.consumers[0]] if len(op.consumers) == 1 else None
+    if nxt is not None and nxt.kind == 'bn':
+        bn = nxt.layer
         scale = np.asarray(bn.gamma) if bn.scale else 1.0
         w = w * (scale / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon))
     return w
 
-def _dense_rule(delta):
-    def rule(graph, node_op, kept):
-        w = _dense_kernel(graph, node_op)               # (in, out)
-        keeps_edge = (kept.astype('float32') @ (w > -delta).T.astype('float32')) > 0
-        return ~keeps_edge                               # (m, in): every edge to a kept node is <= -delta
-    return rule
+def reads(graph:LayerGraph, op, r:np.ndarray, through_conv:bool=True, dense_delta:float|None=None) -> list:
+    "What op `op` reads of each input when `r` ((m, *op.shape) bool) of its output is live: a list of (input op index, (m, *input shape) bool)."
+    k, m = op.kind, r.shape[0]
+    if k == 'input': return []
+    src = graph.ops[op.inputs[0]]
+    if k in ('relu', 'identity', 'bn', 'affine'): return [(src.idx, r)]
+    if k == 'add': return [(j, r) for j in op.inputs]
+    if k == 'flatten': return [(src.idx, r.reshape((m,) + src.shape))]
+    if k == 'zeropad':
+        (t, _), (l, _) = op.layer.get_config()['padding']
+        return [(src.idx, r[:, t:t + src.shape[0], l:l + src.shape[1]])]
+    if k in ('maxpool', 'avgpool'):
+        ps, st, pad = _pool_geom(op.layer)
+        return [(src.idx, _windowed_need(r, src.shape[:2], ps, st, pad))]
+    if k == 'gap': return [(src.idx, np.broadcast_to(r[:, None, None, :], (m,) + src.shape))]
+    if k == 'conv':
+        if not through_conv: return [(src.idx, np.ones((m,) + src.shape, bool))]
+        c = op.layer.get_config()
+        pos = _windowed_need(r.any(-1, keepdims=True), src.shape[:2], c['kernel_size'], c['strides'], c['padding'])
+        return [(src.idx, np.broadcast_to(pos, (m,) + src.shape))]
+    if k == 'dense':
+        if dense_delta is None: return [(src.idx, np.broadcast_to(r.any(-1, keepdims=True), (m,) + src.shape))]
+        w = _dense_kernel(graph, op)
+        return [(src.idx, (r.astype('float32') @ (w > -dense_delta).T.astype('float32')) > 0)]
+    raise DecompositionError(f"cannot backtrack through layer '{op.name}' ({k})")
+
+def live_elements(graph:LayerGraph, keep:list, head_keep:np.ndarray, through_conv:bool=True, dense_delta:float|None=None) -> dict:
+    "Op index -> (m, *shape) bool: the output elements that some kept computation of each of the m modules reads."
+    node_i = {op.idx: i for i, op in enumerate(graph.node_ops)}
+    m = head_keep.shape[0]
+    need = {graph.head_input.idx: np.asarray(head_keep, bool)}
+    live = {}
+    for op in reversed(graph.ops[1:-1]):            # topological order reversed: every consumer comes first
+        r = need.pop(op.idx, None)
+        if r is None: r = np.zeros((m,) + op.shape, bool)
+        if op.node: r = r & keep[node_i[op.idx]]     # a removed node is a constant 0: it reads nothing
+        live[op.idx] = r
+        for j, q in reads(graph, op, r, through_conv, dense_delta):
+            need[j] = need[j] | q if j in need else np.array(q, bool)
+    return live
+
+def backtrack(graph:LayerGraph, keep:list, head_keep:np.ndarray, through_conv:bool=True, dense_delta:float|None=None) -> None:
+    "Remove from `keep` (in place) every node that no kept computation reads; with `dense_delta`, apply MC-BLN's Dense rule on the way."
+    live = live_elements(graph, keep, head_keep, through_conv, dense_delta)
+    for i, op in enumerate(graph.node_ops): keep[i] &= live[op.idx]
+
+# %% ../nbs/04_modularize.ipynb #c77cb121
+def head_rule(head_kernel:np.ndarray, delta:float=0.5) -> np.ndarray:
+    "(m, d) bool: the head inputs MC-BLN keeps — all but those with concerned edge ≤ −δ and unconcerned edge ≥ +δ."
+    return ~((head_kernel[..., 0] <= -delta) & (head_kernel[..., 1] >= delta))
 
 def mc_bln(graph:LayerGraph, keep:list, head_kernel:np.ndarray, delta:float=0.5) -> np.ndarray:
-    "MC-BLN: remove head-input nodes with concerned edge ≤ −δ and unconcerned edge ≥ +δ, backtrack to the last convolutions; returns the (m, d) kept head inputs."
-    removed = (head_kernel[..., 0] <= -delta) & (head_kernel[..., 1] >= delta)   # (m, d)
-    backtrack(graph, graph.head_input.idx, removed, keep, through_dense=_dense_rule(delta))
-    return ~removed
+    "MC-BLN: the head rule, then backtrack (Dense rule included) to the last convolutions, clearing `keep` in place; returns the (m, d) kept head inputs."
+    head_keep = head_rule(head_kernel, delta)
+    backtrack(graph, keep, head_keep, through_conv=False, dense_delta=delta)
+    return head_keep
 
 # %% ../nbs/04_modularize.ipynb #d217d430
-def mc_bi(graph:LayerGraph, keep:list) -> None:
-    "MC-BI: backtrack removed nodes through every convolution to the input, clearing `keep` in place."
-    for ni in reversed(range(len(graph.node_ops))):
-        op = graph.node_ops[ni]
-        conv = graph.producer(op)
-        if conv.kind != 'conv': continue
-        c = conv.layer.get_config()
-        src = graph.ops[conv.inputs[0]]
-        kept_pos = keep[ni].any(-1, keepdims=True)                       # (m, Ho, Wo, 1)
-        cover = window_cover(kept_pos, src.shape[:2], c['kernel_size'], c['strides'], c['padding'])
-        read = window_cover(np.ones((1,) + kept_pos.shape[1:], bool), src.shape[:2], c['kernel_size'], c['strides'], c['padding'])
-        removed = np.broadcast_to(read & ~cover, cover.shape[:3] + (src.shape[2],)).copy()
-        backtrack(graph, src.idx, removed, keep)
+def mc_bi(graph:LayerGraph, keep:list, head_keep:np.ndarray|None=None) -> None:
+    "MC-BI: remove (in place) every node that no kept node reads, backtracking through every convolution to the input."
+    if head_keep is None: head_keep = np.ones((keep[0].shape[0], graph.head_input.shape[0]), bool)
+    backtrack(graph, keep, head_keep, through_conv=True)
 
 # %% ../nbs/04_modularize.ipynb #da2a1558
 def modularize(graph:LayerGraph, keep:list, classes, steps=('ci', 'ti', 'mc', 'blc'), delta:float=0.5):
@@ -140,5 +147,5 @@ def modularize(graph:LayerGraph, keep:list, classes, steps=('ci', 'ti', 'mc', 'b
         before = n_kept(); head_keep = mc_bln(graph, keep, hk, delta)
         removed['blc'] = before - n_kept(); removed['blc_head_inputs'] = int((~head_keep).sum())
     if 'bi' in steps:
-        before = n_kept(); mc_bi(graph, keep); removed['bi'] = before - n_kept()
+        before = n_kept(); mc_bi(graph, keep, head_keep); removed['bi'] = before - n_kept()
     return keep, hk, hb, head_keep, removed

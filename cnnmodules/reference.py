@@ -12,13 +12,13 @@ import keras
 # %% auto #0
 __all__ = ['KINDS', 'RefLayer', 'reference_layers', 'node_layer_names', 'tf_padding', 'sliding_windows', 'conv_forward',
            'pool_forward', 'reference_values', 'reference_forward', 'layer_shapes', 'reference_ci', 'reference_kept',
-           'sliding_window_mapping', 'cmbi', 'reference_mc_bi']
+           'sliding_window_mapping', 'cmbi', 'reference_backtrack', 'reference_mc_bi', 'reference_mc_bln']
 
 # %% ../nbs/05_reference.ipynb #41eafff6
 KINDS = {'InputLayer': 'input', 'Conv2D': 'conv', 'Dense': 'dense', 'Add': 'add', 'Activation': 'relu',
          'ReLU': 'relu', 'MaxPooling2D': 'maxpool', 'AveragePooling2D': 'avgpool',
          'GlobalAveragePooling2D': 'gap', 'Flatten': 'flatten', 'BatchNormalization': 'bn',
-         'Dropout': 'dropout', 'ZeroPadding2D': 'zeropad'}
+         'Dropout': 'dropout', 'ZeroPadding2D': 'zeropad', 'Rescaling': 'affine', 'Normalization': 'affine'}
 
 @dataclass
 class RefLayer:
@@ -29,13 +29,12 @@ class RefLayer:
     inputs: list              # names of the layers feeding it
     consumers: list = field(default_factory=list)
     node: bool = False        # is its output a node layer?
-    producer: str = None      # for a node layer: the Conv2D/Dense whose weights make it
     weights: list = None      # the layer's weights as float64 NumPy arrays (`layer.get_weights()`)
 
 def _act(l): return getattr(getattr(l, 'activation', None), '__name__', 'linear')
 
-def reference_layers(model:keras.Model) -> list:
-    "The model's layers in topological order (depth first from its output), node layers marked."
+def reference_layers(model:keras.Model, linear_nodes:str='backtrack') -> list:
+    "The model's layers in topological order (depth first from its output), node layers marked under `linear_nodes`."
     seen, order = {}, []
     def visit(t):
         l, ni, _ = t._keras_history
@@ -47,22 +46,29 @@ def reference_layers(model:keras.Model) -> list:
         order.append(seen[l.name])
         return l.name
     visit(model.outputs[0])
+    last = order[-1]
+    if type(last.layer).__name__ == 'Activation' and _act(last.layer) in ('softmax', 'linear'):
+        order.pop()                                  # Activation('softmax') after the output Dense: the Dense is the head
     order[-1].kind = 'head'
     for L in order:
         for i in L.inputs: seen[i].consumers.append(L.name)
-        if type(L.layer).__name__ == 'Activation' and _act(L.layer) != 'relu':
-            raise ValueError(f"reference: activation '{_act(L.layer)}' of layer '{L.name}' is not ReLU")
+        if type(L.layer).__name__ == 'Activation':
+            if _act(L.layer) == 'linear': L.kind = 'dropout'   # the identity
+            elif _act(L.layer) != 'relu': raise ValueError(f"reference: activation '{_act(L.layer)}' of layer '{L.name}' is not ReLU")
     for L in order:
+        if L.kind == 'relu' and linear_nodes == 'backtrack': L.node = True
         if L.kind not in ('conv', 'dense'): continue
         if _act(L.layer) not in ('relu', 'linear'): raise ValueError(f"reference: hidden activation '{_act(L.layer)}' in '{L.name}'")
-        nxt = seen[L.consumers[0]] if len(L.consumers) == 1 else None
-        if nxt is not None and nxt.kind == 'bn' and _act(L.layer) == 'linear': nxt.node, nxt.producer = True, L.name
-        else: L.node, L.producer = True, L.name
+        if _act(L.layer) == 'relu': L.node = True
+        elif linear_nodes == 'paper':
+            nxt = seen[L.consumers[0]] if len(L.consumers) == 1 else None
+            if nxt is not None and nxt.kind == 'bn': nxt.node = True
+            else: L.node = True
     return order
 
-def node_layer_names(model:keras.Model) -> list:
+def node_layer_names(model:keras.Model, linear_nodes:str='backtrack') -> list:
     "Names of the node layers, in the order of `model.layers` (the order `LayerGraph.node_ops` uses)."
-    nodes = {L.name for L in reference_layers(model) if L.node}
+    nodes = {L.name for L in reference_layers(model, linear_nodes) if L.node}
     return [l.name for l in model.layers if l.name in nodes]
 
 # %% ../nbs/05_reference.ipynb #8c993d00
@@ -126,6 +132,14 @@ def _layer_value(L:RefLayer, xs:list) -> np.ndarray:
         elif act == 'softmax': e = np.exp(out - out.max()); out = e / e.sum()
         elif act != 'linear': raise ValueError(f"reference: activation '{act}' of '{l.name}'")
         return out
+    if k == 'affine':
+        if type(l).__name__ == 'Rescaling':
+            c = l.get_config()
+            return xs[0] * np.asarray(c['scale'], np.float64) + np.asarray(c['offset'], np.float64)
+        if getattr(l, 'invert', False): raise ValueError(f"reference: Normalization '{L.name}' with invert=True")
+        mean = np.asarray(l.mean, np.float64); var = np.asarray(l.variance, np.float64)
+        mean, var = mean.reshape(mean.shape[1:]), var.reshape(var.shape[1:])       # drop the batch axis
+        return (xs[0] - mean) / np.maximum(np.sqrt(var), keras.backend.epsilon())
     if k == 'relu': return _relu(xs[0])
     if k == 'dropout': return xs[0]
     if k == 'add': return sum(xs[1:], xs[0])
@@ -147,7 +161,7 @@ def _layer_value(L:RefLayer, xs:list) -> np.ndarray:
 
 def _one(x1, input_shape):
     x1 = np.asarray(x1)
-    x1 = x1.astype(np.float64) / 255.0 if x1.dtype == np.uint8 else x1.astype(np.float64)
+    x1 = x1.astype(np.float64)                      # inputs reach the model as given
     if x1.ndim == len(input_shape) + 1 and x1.shape[0] == 1: x1 = x1[0]
     if x1.shape != tuple(input_shape): raise ValueError(f'reference: one input of shape {tuple(input_shape)} expected, got {x1.shape}')
     return x1
@@ -190,18 +204,18 @@ def layer_shapes(model:keras.Model, order:list=None) -> dict:
     order = order or reference_layers(model)
     return {k: v.shape for k, v in reference_values(model, np.zeros(model.inputs[0].shape[1:]), order).items()}
 
-def reference_ci(model:keras.Model, inputs) -> dict:
+def reference_ci(model:keras.Model, inputs, linear_nodes:str='backtrack') -> dict:
     "Algorithm 1: node-layer name -> set of flat indices of the nodes inactive (≤ 0) for every one of `inputs`."
-    order = reference_layers(model)
+    order = reference_layers(model, linear_nodes)
     all_shapes = layer_shapes(model, order)
     shapes = {L.name: all_shapes[L.name] for L in order if L.node}
     return _ci([reference_forward(model, x1, order) for x1 in inputs], shapes)
 
 # %% ../nbs/05_reference.ipynb #0f9b2fdf
-def reference_kept(model:keras.Model, x:np.ndarray, sample, steps=('ci', 'ti')) -> list:
+def reference_kept(model:keras.Model, x:np.ndarray, sample, steps=('ci', 'ti'), linear_nodes:str='backtrack') -> list:
     "Per node layer (in `node_layer_names` order), a bool (n_modules, *shape) array of the nodes each module keeps after CI (and TI)."
-    order = reference_layers(model)
-    names = node_layer_names(model)
+    order = reference_layers(model, linear_nodes)
+    names = node_layer_names(model, linear_nodes)
     all_shapes = layer_shapes(model, order)
     shapes = {n: all_shapes[n] for n in names}
     cache = {}
@@ -259,55 +273,97 @@ def cmbi(mapping:list, deactive_map:set, n_inputs:int, remove_unread:bool=False)
     return {s - 1 for s in removed}
 
 # %% ../nbs/05_reference.ipynb #939f03fa
-def _carry(by_name:dict, shapes:dict, name:str, removed:set, deactive:dict, remove_unread:bool=False) -> None:
-    "Carry removed flat indices of layer `name`'s output back to the node layers' deactivation maps."
-    if not removed: return
-    carry = lambda n, r: _carry(by_name, shapes, n, r, deactive, remove_unread)
-    L = by_name[name]
-    if L.node: deactive[name] |= removed; return
-    k, shape = L.kind, shapes[name]
-    if k == 'input': return
-    if k in ('relu', 'dropout', 'bn'): carry(L.inputs[0], removed)
-    elif k == 'add':
-        for i in L.inputs: carry(i, set(removed))
-    elif k == 'zeropad':
-        (t, _), (lf, _) = L.layer.get_config()['padding']
-        in_shape = shapes[L.inputs[0]]
-        src = set()
-        for f in removed:
-            p, q, ch = np.unravel_index(f, shape)
-            if t <= p < t + in_shape[0] and lf <= q < lf + in_shape[1]:
-                src.add(int(np.ravel_multi_index((p - t, q - lf, ch), in_shape)))
-        carry(L.inputs[0], src)
-    elif k in ('maxpool', 'avgpool'):
-        ps, st, pad = _pool_cfg(L.layer)
-        in_shape = shapes[L.inputs[0]]
-        mapping = sliding_window_mapping(in_shape, ps, st, pad, per_channel=True)
-        carry(L.inputs[0], cmbi(mapping, removed, int(np.prod(in_shape)), remove_unread))
-    else: raise ValueError(f"reference: cannot carry removed nodes back through '{name}' ({k})")
+def _flat(shape): return int(np.prod(shape))
 
-def reference_mc_bi(model:keras.Model,
-                    kept:list,                 # per node layer (`node_layer_names` order): bool (n_modules, *shape)
-                    remove_unread:bool=False,   # also remove input nodes no window reads (not the engine's reading)
-                   ) -> list:
-    "Algorithm 3 applied literally to `kept`: the kept nodes after MC-BI."
-    order = reference_layers(model)
+def _dense_effective_kernel(L:RefLayer, by_name:dict) -> np.ndarray:
+    "The (in, out) kernel of Dense layer `L`, times the scale of a BatchNormalization that is its only consumer."
+    W = L.weights[0]
+    if len(L.consumers) == 1 and by_name[L.consumers[0]].kind == 'bn':
+        bn = by_name[L.consumers[0]]; w = list(bn.weights)
+        gamma = w.pop(0) if bn.layer.scale else np.ones(W.shape[1])
+        if bn.layer.center: w.pop(0)
+        W = W * (gamma / np.sqrt(w[1] + bn.layer.epsilon))
+    return W
+
+def _read_sets(L:RefLayer, by_name:dict, shapes:dict, live:set, through_conv:bool, remove_unread:bool, dense_delta) -> dict:
+    "Input layer name -> the set of its flat output indices that layer `L` reads when the flat indices `live` of its output are live."
+    k = L.kind
+    if k == 'input': return {}
+    src = L.inputs[0]; n_in = _flat(shapes[src]); everything = set(range(n_in))
+    if k in ('relu', 'dropout', 'bn', 'affine', 'flatten'): return {src: set(live)}
+    if k == 'add': return {i: set(live) for i in L.inputs}
+    if k == 'zeropad':
+        (t, _), (lf, _) = L.layer.get_config()['padding']
+        in_shape, read = shapes[src], set()
+        for f in live:
+            p, q, ch = np.unravel_index(f, shapes[L.name])
+            if t <= p < t + in_shape[0] and lf <= q < lf + in_shape[1]:
+                read.add(int(np.ravel_multi_index((p - t, q - lf, ch), in_shape)))
+        return {src: read}
+    if k == 'gap':
+        H, W, C = shapes[src]
+        return {src: {int(np.ravel_multi_index((p, q, ch), (H, W, C))) for p in range(H) for q in range(W) for ch in range(C) if ch in live}}
+    if k in ('maxpool', 'avgpool', 'conv'):
+        if k == 'conv' and not through_conv: return {src: everything}
+        if k == 'conv':
+            c = L.layer.get_config()
+            mapping = sliding_window_mapping(shapes[src], tuple(c['kernel_size']), tuple(c['strides']), c['padding'], n_out=c['filters'])
+        else:
+            ps, st, pad = _pool_cfg(L.layer)
+            mapping = sliding_window_mapping(shapes[src], ps, st, pad, per_channel=True)
+        deactive = set(range(_flat(shapes[L.name]))) - live
+        return {src: everything - cmbi(mapping, deactive, n_in, remove_unread)}
+    if k == 'dense':
+        if dense_delta is None: return {src: everything if live else set()}
+        W = _dense_effective_kernel(L, by_name)
+        read = set()
+        for j in range(W.shape[0]):                       # l.10-13: drop j when every edge to a kept node is <= -delta
+            for o in live:
+                if W[j, o] > -dense_delta: read.add(j); break
+        return {src: read}
+    raise ValueError(f"reference: cannot carry removed nodes back through '{L.name}' ({k})")
+
+def reference_backtrack(model:keras.Model,
+                        kept:list,                  # per node layer (`node_layer_names` order): bool (n_modules, *shape)
+                        head_keep=None,             # (n_modules, d) bool: the head inputs each module keeps (default all)
+                        through_conv:bool=True,     # MC-BI: carry through convolutions; False stops at the last ones (MC-BLN)
+                        remove_unread:bool=False,   # also remove input nodes no window reads (not the engine's reading)
+                        dense_delta=None,           # MC-BLN's Dense rule with this δ (None: a Dense reads all its inputs)
+                        linear_nodes:str='backtrack',
+                       ) -> list:
+    "The kept nodes after removing, per module, every node no kept consumer reads — one layer at a time, in sets."
+    order = reference_layers(model, linear_nodes)
     by_name = {L.name: L for L in order}
-    names = node_layer_names(model)
+    names = node_layer_names(model, linear_nodes)
     shapes = layer_shapes(model, order)
-    convs = [L for L in reversed(order) if L.node and by_name[L.producer].kind == 'conv']
-    mappings = {}
-    for L in convs:
-        conv = by_name[L.producer]; c = conv.layer.get_config(); in_shape = shapes[conv.inputs[0]]
-        mappings[L.name] = sliding_window_mapping(in_shape, tuple(c['kernel_size']), tuple(c['strides']), c['padding'], n_out=c['filters'])
+    head = order[-1]
     out = [np.array(k, bool) for k in kept]
     for m_i in range(out[0].shape[0]):
-        deactive = {n: set(np.flatnonzero(~out[k][m_i].reshape(-1)).tolist()) for k, n in enumerate(names)}
-        for L in convs:
-            src = by_name[L.producer].inputs[0]
-            removed = cmbi(mappings[L.name], deactive[L.name], int(np.prod(shapes[src])), remove_unread)
-            _carry(by_name, shapes, src, removed, deactive, remove_unread)
+        kept_set = {n: set(np.flatnonzero(out[k][m_i].reshape(-1)).tolist()) for k, n in enumerate(names)}
+        d = _flat(shapes[head.inputs[0]])
+        needed = {head.inputs[0]: set(range(d)) if head_keep is None else set(np.flatnonzero(np.asarray(head_keep)[m_i]).tolist())}
+        live = {}
+        for L in reversed(order[:-1]):
+            lv = needed.get(L.name, set())
+            if L.node: lv = lv & kept_set[L.name]                  # a removed node is 0: it reads nothing
+            live[L.name] = lv
+            for src, s in _read_sets(L, by_name, shapes, lv, through_conv, remove_unread, dense_delta).items():
+                needed[src] = needed.get(src, set()) | s
         for k, n in enumerate(names):
             flat = out[k][m_i].reshape(-1)
-            for j in deactive[n]: flat[j] = False
+            for j in range(flat.size):
+                if j not in live[n]: flat[j] = False
     return out
+
+def reference_mc_bi(model:keras.Model, kept:list, remove_unread:bool=False, head_keep=None, linear_nodes:str='backtrack') -> list:
+    "Algorithm 3 applied literally to `kept`: the kept nodes after MC-BI."
+    return reference_backtrack(model, kept, head_keep, True, remove_unread, None, linear_nodes)
+
+def reference_mc_bln(model:keras.Model, kept:list, head_kernel:np.ndarray, delta:float=0.5, linear_nodes:str='backtrack'):
+    "Algorithm 2 applied literally: (kept nodes, (n_modules, d) kept head inputs) after MC-BLN."
+    hk = np.asarray(head_kernel, np.float64)
+    head_keep = np.ones(hk.shape[:2], bool)
+    for m_i in range(hk.shape[0]):
+        for i in range(hk.shape[1]):                    # l.4-6, with the concerned/unconcerned roles of the text
+            if hk[m_i, i, 0] <= -delta and hk[m_i, i, 1] >= delta: head_keep[m_i, i] = False
+    return reference_backtrack(model, kept, head_keep, False, False, delta, linear_nodes), head_keep

@@ -1,19 +1,21 @@
-"""The fast engine equals the literal NumPy reference of Algorithms 1 and 3 (`cnnmodules.reference`).
+"""The fast engine equals the literal NumPy reference of Algorithms 1, 2 and 3 (`cnnmodules.reference`).
 
 Tiny float64 models (so no round-off can move a node across 0), random kernels, small random biases and random
 inputs with class-dependent blank regions (so some nodes are always inactive, position by position, and MC-BI
-has something to remove). For each model: CI, CI+TI and CI+TI+MC-BI kept nodes, fast == reference.
+has something to remove). For each model and both node rules: CI, CI+TI, MC-BLN and MC-BI kept nodes, fast == reference.
 """
 import numpy as np
 import pytest
 import keras
 from keras import layers
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import given, strategies as st
+
+from cnn_strategies import cnn_specs, build, props
 
 from cnnmodules.graph import LayerGraph
 from cnnmodules.concern import sample_inputs, activation_counts, kept_nodes
 from cnnmodules.modularize import modularize
-from cnnmodules.reference import reference_kept, reference_mc_bi, node_layer_names
+from cnnmodules.reference import reference_kept, reference_mc_bi, reference_mc_bln, node_layer_names
 
 F64 = dict(dtype='float64')
 
@@ -48,27 +50,31 @@ def make_data(shape, n_classes, per_class, seed=0, border=1):
     return x, y
 
 
-def check(model, x, y, E, classes=None, seed=0):
-    "Fast == reference for CI, CI+TI and MC-BI; returns (fraction of nodes kept after CI+TI, nodes MC-BI removed)."
-    g = LayerGraph(model)
+def check(model, x, y, E, classes=None, seed=0, linear_nodes='backtrack', delta=0.2):
+    "Fast == reference for CI, CI+TI, MC-BLN and MC-BI; returns (fraction of nodes kept after CI+TI, nodes MC-BI removed)."
+    g = LayerGraph(model, linear_nodes)
     N = g.num_classes
-    assert node_layer_names(model) == g.node_names
+    assert node_layer_names(model, linear_nodes) == g.node_names
     s = sample_inputs(y, N, E, classes=classes, seed=seed)
     cnt = activation_counts(g, x, s, batch_size=64, progress=False)
     for steps in [('ci',), ('ci', 'ti')]:
-        fast, ref = kept_nodes(cnt, steps), reference_kept(model, x, s, steps)
+        fast, ref = kept_nodes(cnt, steps), reference_kept(model, x, s, steps, linear_nodes)
         assert len(fast) == len(ref)
         for name, a, b in zip(g.node_names, fast, ref):
             assert a.shape == b.shape, (steps, name)
             np.testing.assert_array_equal(a, b, err_msg=f'{steps} {name}')
     bi = 0
-    for steps in [('ci', 'mc', 'bi'), ('ci', 'ti', 'mc', 'bi')]:
+    for steps in [('ci', 'mc', 'bi'), ('ci', 'ti', 'mc', 'bi'), ('ci', 'ti', 'mc', 'blc'), ('ci', 'ti', 'mc', 'blc', 'bi')]:
         keep = kept_nodes(cnt, steps)
-        fast, *_, removed = modularize(g, keep, s.classes, steps=steps)
-        ref = reference_mc_bi(model, reference_kept(model, x, s, steps))
+        fast, hk, _, hkeep, removed = modularize(g, keep, s.classes, steps=steps, delta=delta)
+        ref, ref_hkeep = reference_kept(model, x, s, steps, linear_nodes), None
+        if 'blc' in steps:
+            ref, ref_hkeep = reference_mc_bln(model, ref, hk, delta, linear_nodes)
+            np.testing.assert_array_equal(hkeep, ref_hkeep)
+        if 'bi' in steps: ref = reference_mc_bi(model, ref, head_keep=ref_hkeep, linear_nodes=linear_nodes)
         for name, a, b in zip(g.node_names, fast, ref):
             np.testing.assert_array_equal(a, b, err_msg=f'{steps} {name}')
-        bi += removed['bi']
+        bi += removed.get('bi', 0)
     frac = sum(k.sum() for k in keep) / sum(k.size for k in keep)
     return frac, bi
 
@@ -168,19 +174,19 @@ FIXED = [(seq_model, 3, 6, None), (seq_avg_model, 4, 6, None), (bn_model, 3, 5, 
 def test_fixed_models(build, N, E, classes):
     m = build()
     x, y = make_data(m.inputs[0].shape[1:], N, E + 2, seed=N + E)
-    frac, bi = check(m, x, y, E, classes)
-    assert 0 < frac < 1          # some nodes removed by CI+TI, some kept: the comparison is not vacuous
-    FIXED_BI[build.__name__] = bi
-
-
-FIXED_BI = {}
+    for rule in ('backtrack', 'paper'):
+        frac, bi = check(m, x, y, E, classes, linear_nodes=rule)
+        assert 0 < frac < 1          # some nodes removed by CI+TI, some kept: the comparison is not vacuous
 
 
 def test_mc_bi_removes_something():
     "Across the fixed models MC-BI does remove nodes (so its comparison is not vacuous either)."
-    if len(FIXED_BI) < len(FIXED): pytest.skip('needs the fixed-model tests in the same run')
-    assert sum(FIXED_BI.values()) > 0, FIXED_BI
-    assert sum(v > 0 for v in FIXED_BI.values()) >= 3, FIXED_BI
+    removed = {}
+    for build_fixed, N, E, classes in FIXED:
+        m = build_fixed()
+        x, y = make_data(m.inputs[0].shape[1:], N, E + 2, seed=N + E)
+        removed[build_fixed.__name__] = check(m, x, y, E, classes)[1]
+    assert sum(v > 0 for v in removed.values()) >= 3, removed
 
 
 def test_resnet8_mc_bi():
@@ -196,72 +202,12 @@ def test_resnet8_mc_bi():
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-# ---------------------------------------------------------------- random architectures
+# ---------------------------------------------------------------- random architectures (tests/cnn_strategies.py)
 
-@st.composite
-def architectures(draw):
-    H = draw(st.integers(5, 9)); W = draw(st.integers(5, 9)); C = draw(st.integers(1, 2))
-    convs = []
-    h, w = H, W
-    for _ in range(draw(st.integers(1, 3))):
-        k = draw(st.integers(1, 3)); s = draw(st.integers(1, 2)); pad = draw(st.sampled_from(['same', 'valid']))
-        if pad == 'valid' and (h < k or w < k): pad = 'same'
-        act = draw(st.sampled_from(['relu', 'linear+relu', 'bn+relu']))
-        convs.append(dict(f=draw(st.integers(2, 3)), k=k, s=s, pad=pad, act=act))
-        h, w = ((h - k) // s + 1, (w - k) // s + 1) if pad == 'valid' else (-(-h // s), -(-w // s))
-    spec = dict(shape=(H, W, C), convs=convs)
-    spec['zeropad'] = draw(st.sampled_from([None, 1, ((0, 1), (1, 0))]))
-    spec['pool'] = None
-    if draw(st.booleans()):
-        p = draw(st.integers(2, 3)); ps = draw(st.integers(1, 2)); ppad = draw(st.sampled_from(['same', 'valid']))
-        if ppad == 'valid' and (h < p or w < p): ppad = 'same'
-        spec['pool'] = dict(kind=draw(st.sampled_from(['max', 'avg'])), p=p, s=ps, pad=ppad)
-    spec['residual'] = None
-    if draw(st.booleans()):
-        spec['residual'] = dict(f=draw(st.integers(2, 3)), k=draw(st.integers(1, 3)), s=draw(st.integers(1, 2)),
-                                proj=draw(st.booleans()))
-    spec['dense'] = draw(st.sampled_from([None, 3, 5]))
-    spec['gap'] = draw(st.booleans())
-    spec['N'] = draw(st.integers(3, 4)); spec['E'] = draw(st.integers(3, 6))
-    spec['seed'] = draw(st.integers(0, 10_000))
-    spec['bias'] = draw(st.sampled_from([(-0.15, 0.1), (-0.05, 0.1), (-0.3, 0.2), (0.0, 0.05)]))
-    return spec
-
-
-def build(spec):
-    keras.utils.set_random_seed(spec['seed'])
-    inp = keras.Input(spec['shape'], **F64)
-    x = inp
-    if spec['zeropad'] is not None: x = layers.ZeroPadding2D(spec['zeropad'], **F64)(x)
-    for c in spec['convs']:
-        if c['act'] == 'relu':
-            x = layers.Conv2D(c['f'], c['k'], strides=c['s'], padding=c['pad'], activation='relu', **F64)(x)
-        else:
-            x = layers.Conv2D(c['f'], c['k'], strides=c['s'], padding=c['pad'], **F64)(x)
-            if c['act'] == 'bn+relu': x = layers.BatchNormalization(**F64)(x)
-            x = layers.ReLU(**F64)(x)
-    r = spec['residual']
-    if r is not None:
-        h = layers.Conv2D(r['f'], r['k'], strides=r['s'], padding='same', activation='relu', **F64)(x)
-        h = layers.Conv2D(r['f'], r['k'], padding='same', **F64)(h)
-        if r['proj'] or r['s'] != 1 or x.shape[-1] != r['f']:
-            sc = layers.Conv2D(r['f'], 1, strides=r['s'], padding='same', **F64)(x)
-        else: sc = x
-        x = layers.Activation('relu', **F64)(layers.Add(**F64)([h, sc]))
-    p = spec['pool']
-    if p is not None:
-        Pool = layers.MaxPooling2D if p['kind'] == 'max' else layers.AveragePooling2D
-        if p['pad'] == 'valid' and (x.shape[1] < p['p'] or x.shape[2] < p['p']): p = dict(p, pad='same')
-        x = Pool(p['p'], strides=p['s'], padding=p['pad'], **F64)(x)
-    x = layers.GlobalAveragePooling2D(**F64)(x) if spec['gap'] else layers.Flatten(**F64)(x)
-    if spec['dense']: x = layers.Dropout(0.1, **F64)(layers.Dense(spec['dense'], activation='relu', **F64)(x))
-    m = keras.Model(inp, layers.Dense(spec['N'], activation='softmax', **F64)(x))
-    return randomize(m, spec['seed'], spec['bias'])
-
-
-@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(architectures())
-def test_random_architectures(spec):
+@props(15)
+@given(cnn_specs(), st.integers(3, 6))
+def test_random_architectures(spec, E):
     m = build(spec)
-    x, y = make_data(spec['shape'], spec['N'], spec['E'] + 1, seed=spec['seed'])
-    check(m, x, y, spec['E'], seed=spec['seed'])
+    x, y = make_data(spec['shape'], spec['N'], E + 1, seed=spec['seed'])
+    for rule in ('backtrack', 'paper'):
+        check(m, x, y, E, seed=spec['seed'], linear_nodes=rule)
