@@ -33,10 +33,14 @@ def test_rq1_decomposition(tmp_path):
     run('rq1_decomposition.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'rq1'),
         n_concerned=20, test_per_class=20, deltas=[0.5, 0.1], timing_repeats=1)
     m = json.loads((tmp_path / 'rq1' / 'metrics.json').read_text())
-    steps = {r['steps']: r for r in m['steps']}
-    # the all-kept control composes to the model exactly; the ablation ran every step
-    assert steps['MC only (all nodes kept)']['top1'] == m['model']['top1']
-    assert set(steps) >= {'CI+TI+MC', 'CI+TI+MC-BLN', 'CI+TI+MC-BLN+MC-BI'}
-    assert steps['CI+MC']['kept_nodes'] <= steps['CI+TI+MC']['kept_nodes']
+    assert {r['rule'] for r in m['steps']} == {'backtrack', 'paper'}
+    for rule in ('backtrack', 'paper'):
+        steps = {r['steps']: r for r in m['steps'] if r['rule'] == rule}
+        # the ablation ran every step under both node rules; CI keeps no more than CI+TI; MC-BI no more than MC-BLN
+        assert set(steps) >= {'CI+MC', 'CI+TI+MC', 'CI+TI+MC-BLN', 'CI+TI+MC-BLN+MC-BI'}
+        assert steps['CI+MC']['kept_nodes'] <= steps['CI+TI+MC']['kept_nodes']
+        assert steps['CI+TI+MC-BLN+MC-BI']['kept_nodes'] <= steps['CI+TI+MC-BLN']['kept_nodes'] <= steps['CI+TI+MC']['kept_nodes']
+    control = next(r for r in m['steps'] if r['steps'] == 'MC only (all nodes kept)')
+    assert control['top1'] == m['model']['top1']    # the all-kept control composes to the model exactly
     assert m['speed']['literal_equals_batched'] is True
     for f in ('table1.md', 'steps_ablation.csv', 'delta_ablation.png', 'kept_per_layer.png'): assert (tmp_path / 'rq1' / f).exists()
