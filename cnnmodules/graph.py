@@ -220,9 +220,11 @@ def graph_of(model:keras.Model, linear_nodes:str='backtrack') -> LayerGraph:
 
 # %% ../nbs/02_graph.ipynb #8f336b51
 def model_input(x, dtype='float32') -> np.ndarray:
-    "Inputs as a model takes them: uint8 images scaled to [0, 1], anything else cast to `dtype` as given."
+    "Inputs as a model takes them: `x` cast to the model's input `dtype`, values unchanged (preprocessing lives in the model)."
     x = np.asarray(x)
-    return (np.divide(x, np.float32(255), dtype=np.float32) if x.dtype == np.uint8 else x).astype(dtype, copy=False)
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DecompositionError(f'x: expected a numeric array (e.g. the uint8 images a loader returns); got dtype {x.dtype}')
+    return x.astype(dtype, copy=False)
 
 # %% ../nbs/02_graph.ipynb #87409396
 def _call(op, xs):

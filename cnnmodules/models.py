@@ -11,12 +11,12 @@ import numpy as np
 import keras
 from keras import layers
 
-from .data import Dataset, to_float
+from .data import Dataset
 from .graph import model_input
 
 # %% auto #0
-__all__ = ['resnet_v1', 'small_cnn', 'topk_accuracy', 'evaluate', 'atomic_write_bytes', 'save_model_atomic', 'BestCheckpoint',
-           'train_val_split', 'train']
+__all__ = ['resnet_v1', 'small_cnn', 'topk_accuracy', 'model_logits', 'evaluate', 'atomic_write_bytes', 'save_model_atomic',
+           'BestCheckpoint', 'train_val_split', 'train']
 
 # %% ../nbs/01_models.ipynb #696a81f7
 def _conv(filters, kernel=3, strides=1, name=None):
@@ -25,17 +25,18 @@ def _conv(filters, kernel=3, strides=1, name=None):
 
 def resnet_v1(depth:int,                 # 6n+2: 20, 32, 56, ...
               num_classes:int,           # width of the softmax output
-              input_shape=(32, 32, 3),   # (H, W, C) of one input image
+              input_shape=(32, 32, 3),   # (H, W, C) of one input image (uint8 pixel values, 0..255)
               batch_norm:bool=False,     # BatchNormalization after each convolution
               name:str|None=None,        # model name (default `resnet{depth}`)
              ) -> keras.Model:
-    "ResNet v1 for CIFAR-sized inputs in the layout of the Keras CIFAR-10 ResNet example."
+    "ResNet v1 for CIFAR-sized inputs in the layout of the Keras CIFAR-10 ResNet example, with `Rescaling(1/255)` in front."
     if depth < 8 or (depth - 2) % 6: raise ValueError(f'ResNet v1 depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...); got {depth}')
     if num_classes < 2: raise ValueError(f'num_classes must be at least 2; got {num_classes}')
     n = (depth - 2) // 6
     def bn(x, nm): return layers.BatchNormalization(name=nm)(x) if batch_norm else x
     inp = keras.Input(shape=tuple(input_shape), name='input')
-    x = _conv(16, name='conv_stem')(inp)
+    x = layers.Rescaling(1 / 255, name='rescale')(inp)
+    x = _conv(16, name='conv_stem')(x)
     x = layers.Activation('relu', name='relu_stem')(bn(x, 'bn_stem'))
     filters = 16
     for stage in range(3):
@@ -56,14 +57,15 @@ def resnet_v1(depth:int,                 # 6n+2: 20, 32, 56, ...
 
 # %% ../nbs/01_models.ipynb #8a573d04
 def small_cnn(num_classes:int,            # width of the softmax output
-              input_shape=(8, 8, 1),      # (H, W, C)
+              input_shape=(8, 8, 1),      # (H, W, C) of one input image (uint8 pixel values, 0..255)
               filters=(16, 32),           # channels of the two convolutions
               dense:int=64,               # units of the hidden Dense layer
               name:str='small_cnn',
              ) -> keras.Model:
-    "A small ReLU CNN: conv(same) → conv(stride 2) → max-pool → flatten → dense → softmax."
+    "A small ReLU CNN: rescale(1/255) → conv(same) → conv(stride 2) → max-pool → flatten → dense → softmax."
     inp = keras.Input(shape=tuple(input_shape), name='input')
-    x = layers.Conv2D(filters[0], 3, padding='same', activation='relu', name='conv1')(inp)
+    x = layers.Rescaling(1 / 255, name='rescale')(inp)
+    x = layers.Conv2D(filters[0], 3, padding='same', activation='relu', name='conv1')(x)
     x = layers.Conv2D(filters[1], 3, strides=2, padding='same', activation='relu', name='conv2')(x)
     x = layers.MaxPooling2D(2, name='pool')(x)
     x = layers.Flatten(name='flatten')(x)
@@ -83,9 +85,41 @@ def topk_accuracy(scores:np.ndarray, # (n, N) class scores
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return float((top == y[:, None]).any(axis=1).mean())
 
+def _input_dtype(model):
+    try: return keras.backend.standardize_dtype(model.inputs[0].dtype)
+    except (AttributeError, IndexError, TypeError, ValueError): return 'float32'
+
+def _is_softmax(f): return getattr(f, '__name__', None) == 'softmax'
+
+def _softmax_head(model):
+    "(`dense`, tensor): the output Dense whose pre-activation is wanted and its input tensor; (None, tensor): the logits tensor; or None."
+    try: outs = model.outputs
+    except (AttributeError, ValueError): return None
+    if not outs or len(outs) != 1: return None
+    op, node_index, _ = outs[0]._keras_history
+    inp = op._inbound_nodes[node_index].input_tensors
+    if len(inp) != 1: return None
+    if isinstance(op, layers.Dense) and _is_softmax(op.activation): return op, inp[0]
+    if isinstance(op, layers.Softmax) or (isinstance(op, layers.Activation) and _is_softmax(op.activation)): return None, inp[0]
+    return None
+
+def model_logits(model:keras.Model, # a classifier (a softmax output, or logits already)
+                 x,                  # inputs as the model takes them (uint8 images are cast, not rescaled)
+                 batch_size:int=256,
+                ) -> np.ndarray:
+    "The pre-softmax scores (logits) of `model` on `x`: the output Dense's pre-activation where the model exposes it."
+    x = model_input(x, _input_dtype(model))
+    head = _softmax_head(model)
+    if head is None: return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+    dense, t = head
+    h = np.asarray(keras.Model(model.inputs, t).predict(x, batch_size=batch_size, verbose=0))
+    if dense is None: return h
+    z = h @ keras.ops.convert_to_numpy(dense.kernel)
+    return z + keras.ops.convert_to_numpy(dense.bias) if dense.use_bias else z
+
 def evaluate(model:keras.Model, x, y, batch_size:int=256) -> dict:
-    "Top-1 and top-5 accuracy of `model` on `x` (uint8 images are scaled to [0, 1]) against labels `y`."
-    scores = model.predict(model_input(x), batch_size=batch_size, verbose=0)
+    "Top-1 and top-5 accuracy of `model` on `x` (cast to the model's dtype, not rescaled) against labels `y`, ranking logits."
+    scores = model_logits(model, x, batch_size)
     return {'top1': topk_accuracy(scores, y, 1), 'top5': topk_accuracy(scores, y, 5)}
 
 # %% ../nbs/01_models.ipynb #ce5aec16
@@ -126,7 +160,7 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 # %% ../nbs/01_models.ipynb #1a1dd7a7
 def _augmenter(channels, seed):
-    aug = [layers.RandomTranslation(0.1, 0.1, fill_mode='constant', seed=seed)]
+    aug = [layers.RandomTranslation(0.1, 0.1, fill_mode='constant', seed=seed + 1)]
     if channels == 3: aug.insert(0, layers.RandomFlip('horizontal', seed=seed))
     return keras.Sequential(aug, name='augment')
 
@@ -137,41 +171,66 @@ def train_val_split(n:int, val_fraction:float=0.1, seed:int=0):
     n_val = int(round(n * val_fraction))
     return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
+def _pipeline(x, y, batch_size, dtype, augment, seed, deterministic):
+    "Shuffled batches of (`x` cast to `dtype`, `y`), augmented; serial and ordered when `deterministic`."
+    import tensorflow as tf
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    aug = _augmenter(x.shape[-1], seed) if augment else None
+    def prep(a, b):
+        a = tf.cast(a, dtype)
+        return (aug(a, training=True) if aug is not None else a), b
+    ds = ds.map(prep, num_parallel_calls=None if deterministic else tf.data.AUTOTUNE)
+    opts = tf.data.Options(); opts.deterministic = bool(deterministic)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
+
+def _op_determinism(on=None):
+    "TensorFlow's process-wide op-determinism switch: its state, after setting it to `on` (when given)."
+    from tensorflow.python.framework import config as tfc   # `is_`/`disable_op_determinism` are not in `tf.config`'s public API
+    if on is not None: tfc.enable_op_determinism() if on else tfc.disable_op_determinism()
+    return tfc.is_op_determinism_enabled()
+
+def _positive_int(v, name):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f'{name} must be a positive integer; got {v!r}')
+
 def train(model:keras.Model,            # a compiled or uncompiled classifier with a softmax output
-          data:Dataset,                  # training data (uint8 images); its test split is not touched
+          data:Dataset,                  # training data (the loader's uint8 images, fed as they are); its test split is not touched
           epochs:int,                    # total epochs (a resumed run continues up to this number)
           batch_size:int=128,
           lr:float=1e-3,                 # Adam learning rate (used when `model` is not compiled)
           augment:bool=True,             # random translation (+ horizontal flip for RGB)
           val_fraction:float=0.1,        # share of the training set held out for checkpoint selection
           checkpoint_dir=None,           # folder for the best checkpoint and the resumable backup
-          seed:int=0,
+          seed:int=0,                    # seeds the split, the shuffle, the augmentation and Keras' global RNG
+          deterministic:bool=True,       # bit-identical weights for the same seed (op determinism during the call)
           verbose='auto',                # Keras progress output
           callbacks=(),                  # extra Keras callbacks
          ) -> keras.callbacks.History:
     "Train `model` on `data` with augmentation, a best-validation checkpoint and resumption; restores the best weights."
-    import tensorflow as tf
+    _positive_int(epochs, 'epochs'); _positive_int(batch_size, 'batch_size')
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)): raise ValueError(f'seed must be an integer; got {seed!r}')
     if tuple(model.input_shape[1:]) != tuple(data.x_train.shape[1:]):
         raise ValueError(f'model expects inputs of shape {tuple(model.input_shape[1:])}, the dataset has {tuple(data.x_train.shape[1:])}')
-    keras.utils.set_random_seed(seed)
-    if not getattr(model, 'optimizer', None) or not model.compiled:
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss='sparse_categorical_crossentropy', metrics=['accuracy'])
-    tr, va = train_val_split(len(data.x_train), val_fraction, seed)
-    x, y = to_float(data.x_train), data.y_train.astype('int64')
-    ds = tf.data.Dataset.from_tensor_slices((x[tr], y[tr])).shuffle(len(tr), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    if augment:
-        aug = _augmenter(x.shape[-1], seed)
-        ds = ds.map(lambda a, b: (aug(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    val = (x[va], y[va]) if len(va) else None
-    cbs, best = [], None
-    if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir); checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if val is not None:
-            best = BestCheckpoint(checkpoint_dir / 'best.keras'); cbs.append(best)
-        cbs.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir / 'backup'), save_freq='epoch', delete_checkpoint=False))
-    cbs += list(callbacks)   # after the checkpoint callbacks: an epoch that ends is saved before anything else runs
-    hist = model.fit(ds, epochs=epochs, validation_data=val, callbacks=cbs, verbose=verbose, shuffle=False)  # ds shuffles itself
-    if best is not None and best.path.exists():
-        model.set_weights(keras.saving.load_model(best.path, compile=False).get_weights())
-    return hist
+    seed, was = int(seed), _op_determinism()
+    if deterministic: _op_determinism(True)
+    try:
+        keras.utils.set_random_seed(seed)
+        if not getattr(model, 'optimizer', None) or not model.compiled:
+            model.compile(optimizer=keras.optimizers.Adam(lr), loss='sparse_categorical_crossentropy', metrics=['accuracy'])
+        tr, va = train_val_split(len(data.x_train), val_fraction, seed)
+        x, y, dtype = np.asarray(data.x_train), np.asarray(data.y_train).astype('int64'), _input_dtype(model)
+        ds = _pipeline(x[tr], y[tr], batch_size, dtype, augment, seed, deterministic)
+        val = (model_input(x[va], dtype), y[va]) if len(va) else None
+        cbs, best = [], None
+        if checkpoint_dir is not None:
+            checkpoint_dir = Path(checkpoint_dir); checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if val is not None:
+                best = BestCheckpoint(checkpoint_dir / 'best.keras'); cbs.append(best)
+            cbs.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir / 'backup'), save_freq='epoch', delete_checkpoint=False))
+        cbs += list(callbacks)   # after the checkpoint callbacks: an epoch that ends is saved before anything else runs
+        hist = model.fit(ds, epochs=epochs, validation_data=val, callbacks=cbs, verbose=verbose, shuffle=False)  # ds shuffles itself
+        if best is not None and best.path.exists():
+            model.set_weights(keras.saving.load_model(best.path, compile=False).get_weights())
+        return hist
+    finally:
+        if deterministic and not was: _op_determinism(False)
