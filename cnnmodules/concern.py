@@ -57,52 +57,77 @@ def sample_inputs(y:np.ndarray,          # (n,) integer training labels
     return Sample(np.concatenate(idx), np.concatenate(lab), np.concatenate(tan), n_concerned, k, classes)
 
 # %% ../nbs/03_concern.ipynb #c016feaa
-def _count_step(graph):
-    "The graph's counting step as a `tf.function`, built once per graph (tracing is the expensive part on small inputs)."
+def _counter(graph, n_classes:int, strategy=None):
+    "Per-class activity counters of `graph`'s node layers and the `tf.function` step that adds a batch to them (built once per graph and strategy)."
     import tensorflow as tf
-    fn = getattr(graph, '_count_step', None)
-    if fn is None:
-        @tf.function(reduce_retracing=True)
-        def fn(xb, w):
-            outs = []
-            for v in forward(graph, xb, collect=True):
-                a = tf.reshape(tf.cast(v > 0, w.dtype), [tf.shape(v)[0], -1])
-                outs.append(tf.matmul(w, a, transpose_a=True))   # (2N, nodes): per-class counts of active inputs
-            return outs
-        graph._count_step = fn
-    return fn
+    cache = graph.__dict__.setdefault('_counters', {})
+    key = id(strategy)
+    if key not in cache:
+        scope = strategy.scope() if strategy is not None else _nullcontext()
+        with scope:
+            kw = dict(synchronization=tf.VariableSynchronization.ON_READ, aggregation=tf.VariableAggregation.SUM) if strategy is not None else {}
+            acc = [tf.Variable(tf.zeros((2 * n_classes, int(np.prod(s))), tf.int32), trainable=False, **kw) for s in graph.node_shapes]
+        def add(xb, label, tangling):
+            seg_t = tf.where(tangling, label, -1)                    # negative segment ids are dropped
+            for a, v in zip(acc, forward(graph, xb, collect=True)):
+                on = tf.reshape(tf.cast(v > 0, tf.int32), [tf.shape(v)[0], -1])
+                a.assign_add(tf.concat([tf.math.unsorted_segment_sum(on, label, n_classes),
+                                        tf.math.unsorted_segment_sum(on, seg_t, n_classes)], 0))
+        if strategy is None: step = tf.function(add, reduce_retracing=True)
+        else:
+            @tf.function(reduce_retracing=True)
+            def step(batch): strategy.run(add, args=batch)
+        cache[key] = (acc, step, strategy)
+    return cache[key]
+
+class _nullcontext:
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
 
 @dataclass
 class ActivationCounts:
     "Per class and node layer: how many concerned (and tangling) inputs activate each node."
-    concerned: list    # per node layer: (N, *shape) counts over each class's E concerned inputs
+    concerned: list    # per node layer: (N, *shape) counts over each class's sampled inputs (E for decomposed classes)
     tangling: list     # per node layer: (N, *shape) counts over each class's k tangling inputs
     sample: Sample
 
-def activation_counts(graph:LayerGraph, x:np.ndarray, sample:Sample, batch_size:int=256, progress:bool=True) -> ActivationCounts:
-    "Count, per class and node, the concerned and tangling inputs of `sample` that activate the node (value > 0)."
+def activation_counts(graph:LayerGraph, x:np.ndarray, sample:Sample, batch_size:int=256, progress:bool=True, strategy=None) -> ActivationCounts:
+    "Count, per class and node, the concerned and tangling inputs of `sample` that activate the node (value > 0); optionally under a `tf.distribute` strategy."
     import tensorflow as tf
     if tuple(np.shape(x)[1:]) != tuple(graph.input_shape):
         raise DecompositionError(f'inputs have shape {tuple(np.shape(x)[1:])} but the model expects {tuple(graph.input_shape)}')
     N = graph.num_classes
     dtype = graph.model.inputs[0].dtype
-    step = _count_step(graph)
-    cnt = np.uint16 if sample.n_concerned < 65535 else np.int64
-    acc = [np.zeros((2 * N, int(np.prod(s))), cnt) for s in graph.node_shapes]
+    acc, step, _ = _counter(graph, N, strategy)
+    for a in acc: a.assign(tf.zeros_like(a))
     n = len(sample.index)
     bs = min(batch_size, n)
-    for i in tqdm(range(0, n, bs), desc='concern identification', unit='batch', disable=not progress, leave=False):
-        sl = slice(i, min(i + bs, n))
-        xb = model_input(x[sample.index[sl]], dtype)
-        oh = np.eye(N, dtype='float32')[sample.label[sl]]
-        w = np.concatenate([oh, oh * sample.tangling[sl, None]], axis=1)
-        if len(xb) < bs:   # pad the last batch (zero weights count nothing) so the graph is traced once
-            xb = np.concatenate([xb, np.zeros((bs - len(xb),) + xb.shape[1:], xb.dtype)])
-            w = np.concatenate([w, np.zeros((bs - len(w), w.shape[1]), w.dtype)])
-        for a, c in zip(acc, step(tf.constant(xb, dtype=dtype), tf.constant(w))): a += np.rint(c.numpy()).astype(cnt)
-    shapes = graph.node_shapes
-    return ActivationCounts([a[:N].reshape((N,) + s) for a, s in zip(acc, shapes)],
-                            [a[N:].reshape((N,) + s) for a, s in zip(acc, shapes)], sample)
+    if strategy is not None: bs = max(bs, strategy.num_replicas_in_sync)
+    def batches():   # fixed-size batches (the last padded with label -1, which counts nothing) so the graph is traced once
+        for i in range(0, n, bs):
+            sl = slice(i, min(i + bs, n))
+            xb = model_input(x[sample.index[sl]], dtype)
+            lb, tb = sample.label[sl].astype('int32'), sample.tangling[sl]
+            if len(xb) < bs:
+                pad = bs - len(xb)
+                xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+                lb, tb = np.concatenate([lb, np.full(pad, -1, 'int32')]), np.concatenate([tb, np.zeros(pad, bool)])
+            yield xb, lb, tb
+    bar = tqdm(total=-(-n // bs), desc='concern identification', unit='batch', disable=not progress, leave=False)
+    if strategy is None:
+        for xb, lb, tb in batches(): step(tf.constant(xb, dtype=dtype), tf.constant(lb), tf.constant(tb)); bar.update()
+    else:
+        sig = (tf.TensorSpec((bs,) + tuple(graph.input_shape), dtype), tf.TensorSpec((bs,), tf.int32), tf.TensorSpec((bs,), tf.bool))
+        ds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_generator(batches, output_signature=sig))
+        for batch in ds: step(batch); bar.update()
+    bar.close()
+    cnt = np.uint8 if sample.n_concerned < 2 ** 8 else np.uint16 if sample.n_concerned < 2 ** 16 else np.uint32
+    conc, tang = [], []
+    for a, s in zip(acc, graph.node_shapes):   # one layer at a time reaches the host
+        v = a.numpy() if strategy is None else a.read_value().numpy()
+        conc.append(v[:N].astype(cnt).reshape((N,) + s)); tang.append(v[N:].astype(cnt).reshape((N,) + s))
+        del v
+    return ActivationCounts(conc, tang, sample)
 
 # %% ../nbs/03_concern.ipynb #62961833
 def kept_nodes(counts:ActivationCounts, steps=('ci', 'ti')) -> list:

@@ -30,6 +30,7 @@ def decompose(model,                       # a trained Keras classifier (functio
               dataset:str|None=None,       # recorded in the provenance
               batch_size:int=256,
               progress:bool=True,
+              strategy=None,               # a tf.distribute strategy for the statistics pass (None: the default device)
              ) -> ModuleSet:
     "Decompose `model` into one module per class (a `ModuleSet`, position i = class `classes[i]`)."
     t0 = time.perf_counter()
@@ -48,7 +49,7 @@ def decompose(model,                       # a trained Keras classifier (functio
         n_concerned = int(min(1000, per_class[cls].min()))
     s = sample_inputs(y, N, n_concerned, cls, seed)
     t1 = time.perf_counter()
-    counts = activation_counts(g, x, s, batch_size=batch_size, progress=progress)
+    counts = activation_counts(g, x, s, batch_size=batch_size, progress=progress, strategy=strategy)
     t2 = time.perf_counter()
     keep = kept_nodes(counts, steps)
     keep, hk, hb, hkeep, removed = modularize(g, keep, cls, steps, delta)
