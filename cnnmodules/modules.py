@@ -45,41 +45,44 @@ def _named(t, name:str, taken:set):
     return t
 
 def _mask_form(mask:np.ndarray):
-    "('all', None), ('channels', (C,) 0/1 vector) or ('bits', int64 words with node j at bit j % 64 of word j // 64)."
+    "('all', None), ('channels', (C,) bool: the same at every position) or ('bits', int64 words: node j is bit j % 64 of word j // 64)."
     mask = np.asarray(mask, bool)
     if mask.all(): return 'all', None
     rows = mask.reshape(-1, mask.shape[-1])
-    if mask.ndim > 1 and (rows == rows[:1]).all(): return 'channels', rows[0]
+    if (rows == rows[:1]).all(): return 'channels', rows[0]
     b = np.packbits(mask.ravel(), bitorder='little')
     return 'bits', np.pad(b, (0, -len(b) % 8)).view('<i8').astype('int64')
 
-def _bit_anchor(inp, taken:set):
-    "Symbolic int64 tensors ((1, 64) zeros, (1, 64) bit positions 0..63) computed from the model input `inp`, so that Keras records the unpacking."
+def _unpack_bits(inp,                # the model's symbolic input
+                 words:np.ndarray,   # int64 words of all bit-packed masks, concatenated
+                 taken:set,          # operation names in use (updated)
+                ):
+    "Symbolic int64 (64 * len(words),) 0/1 tensor, element j = bit j % 64 of `words[j // 64]`, computed inside the model."
     ops = keras.ops
-    z = _named(ops.cast(_named(ops.sum(_named(inp[(slice(0, 0),)], 'mask_anchor_empty', taken)), 'mask_anchor_sum', taken), 'int64'), 'mask_anchor', taken)
-    shifts = _named(ops.add(z, np.arange(64, dtype='int64')[None]), 'mask_bit_positions', taken)
-    return _named(ops.zeros_like(shifts), 'mask_bit_zeros', taken), shifts
+    def op(t, name): return _named(t, f'mask_bits_{name}', taken)
+    # Keras records an operation only when an argument is symbolic: start from a zero made of the input
+    # (the sum of an empty slice: no NaN and no empty batch can leak into it)
+    zero = op(ops.cast(op(ops.sum(op(inp[(slice(0, 0),)], 'empty')), 'sum'), 'int64'), 'zero')
+    shifts = op(ops.add(zero, np.arange(64, dtype='int64')[None]), 'positions')            # (1, 64)
+    # the constant goes first: Keras' TensorFlow `add` takes (1, 64) + (64, 1) for a bias add and returns (1, 64)
+    w = op(ops.add(words[:, None], op(ops.zeros_like(shifts), 'zeros')), 'words')         # (n_words, 64)
+    bits = op(ops.bitwise_and(op(ops.right_shift(w, shifts), 'shift'), np.ones((1, 1), 'int64')), 'and')
+    return op(ops.reshape(bits, (-1,)), 'flat')
 
-def _apply_mask(x,                 # symbolic node tensor (batch, *shape)
-                mask:np.ndarray,   # bool, `shape`: True = kept
-                anchor,            # callable returning `_bit_anchor`'s tensors (made once, on first use)
-                name:str,          # base name of the operations
-                taken:set,         # operation names in use (updated)
+def _apply_mask(x,              # symbolic node tensor (batch, *shape)
+                form:str,       # 'all', 'channels' or 'bits' (`_mask_form`)
+                value,          # the channel vector, or the offset of this mask in `bits`
+                bits,           # callable: dtype -> the flat 0/1 tensor of all packed masks in that dtype
+                name:str,       # the node layer's name, base of the operations' names
+                taken:set,      # operation names in use (updated)
                ):
-    "`x` with the nodes `mask` removes set to 0, as `keras.ops` calls a functional model records; `x` itself when all are kept."
-    form, c = _mask_form(mask)
-    if form == 'all': return x
+    "`x` with the nodes its mask removes set to 0, as `keras.ops` calls a functional model records; `x` itself when all are kept."
     ops = keras.ops
-    def op(suffix, fn, *args): return _named(fn(*args), f'{name}_mask{suffix}', taken)
-    if form == 'channels': return op('', ops.multiply, x, c.astype(x.dtype))
-    zeros, shifts = anchor()
-    # (n_words, 64), each row one word; the constant goes first: Keras' TensorFlow `add` takes a (1, 64) + (64, 1)
-    # sum for a bias add and returns (1, 64)
-    w = op('_words', ops.add, c[:, None], zeros)
-    bits = op('_bits', ops.bitwise_and, op('_shift', ops.right_shift, w, shifts), np.ones((1, 1), 'int64'))
-    if mask.size % 64: bits = op('_first', lambda t: t[(slice(0, mask.size),)], op('_flat', ops.reshape, bits, (-1,)))
-    m = op('_float', ops.cast, op('_shape', ops.reshape, bits, tuple(np.shape(mask))), x.dtype)
-    return op('', ops.multiply, x, m)
+    if form == 'all': return x
+    if form == 'channels': return _named(ops.multiply(x, value.astype(x.dtype)), f'{name}_mask', taken)
+    shape = tuple(x.shape[1:]); n = int(np.prod(shape))
+    m = _named(bits(x.dtype)[(slice(value, value + n),)], f'{name}_mask_bits', taken)
+    return _named(ops.multiply(x, _named(ops.reshape(m, shape), f'{name}_mask_shape', taken)), f'{name}_mask', taken)
 
 
 # %% ../nbs/06_modules.ipynb #25a74add
@@ -114,10 +117,17 @@ class Module:
         g = self.graph
         inp = keras.Input(shape=g.input_shape, dtype=self.parent.inputs[0].dtype, name='input')
         taken = {op.name for op in g.ops} | {'module_head'}
-        vals, masks, anchor = {0: inp}, dict(zip((op.idx for op in g.node_ops), self.masks)), []
-        def bits():
-            if not anchor: anchor.extend(_bit_anchor(inp, taken))
-            return anchor
+        forms, words = {}, []
+        for op, m in zip(g.node_ops, self.masks):
+            f, c = _mask_form(m)
+            if f == 'bits': forms[op.idx] = f, 64 * sum(map(len, words)); words.append(c)
+            else: forms[op.idx] = f, c
+        flat = _unpack_bits(inp, np.concatenate(words), taken) if words else None
+        floats = {}
+        def bits(dtype):
+            if dtype not in floats: floats[dtype] = _named(keras.ops.cast(flat, dtype), f'mask_bits_{dtype}', taken)
+            return floats[dtype]
+        vals = {0: inp}
         for op in g.ops[1:-1]:
             xs = [vals[i] for i in op.inputs]
             if op.kind == 'identity': out = xs[0]
@@ -125,7 +135,7 @@ class Module:
                 l = type(op.layer).from_config(op.layer.get_config())
                 out = l(xs if op.kind == 'add' else xs[0])
                 l.set_weights(op.layer.get_weights())
-            if op.node: out = _apply_mask(out, masks[op.idx], bits, op.name, taken)
+            if op.node: out = _apply_mask(out, *forms[op.idx], bits, op.name, taken)
             vals[op.idx] = out
         head = layers.Dense(2, activation='softmax', name='module_head', dtype=g.head.layer.dtype_policy)
         out = head(vals[g.head_input.idx])
