@@ -4,13 +4,14 @@
 
 # %% ../nbs/08_compose.ipynb #1add39be
 from __future__ import annotations
+from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
 from .graph import DecompositionError, forward, graph_of, model_input
-from .modules import ModuleSet
 from .models import topk_accuracy
 from .jaccard import jaccard as jaccard_index
+if TYPE_CHECKING: from cnnmodules.modules import ModuleSet   # annotations only: `modules` imports this module
 
 # %% auto #0
 __all__ = ['vote', 'vote_margin', 'module_logits', 'module_scores', 'evaluate_modules']

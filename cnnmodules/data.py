@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['CIFAR10_CLASSES', 'CIFAR100_FINE_CLASSES', 'CIFAR100_COARSE_CLASSES', 'LAYOUTS', 'KNOWN_DATASETS', 'DatasetError',
-           'Dataset', 'subset_classes', 'sample_per_class', 'to_float', 'resize', 'cache_dir', 'load_dataset']
+           'Dataset', 'subset_classes', 'sample_per_class', 'to_float', 'resize', 'stale_temporaries', 'atomic_path',
+           'cache_dir', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #4144b349
 import gzip, hashlib, io, json, os, pickle, re, struct, tarfile, tempfile, warnings, zipfile, zlib
@@ -554,6 +555,55 @@ def _load_keras(name, label_mode='fine'):
         (xtr, ytr), (xte, yte) = keras.datasets.mnist.load_data(); names = [str(i) for i in range(10)]
         xtr, xte = xtr[..., None], xte[..., None]
     return Dataset(xtr, ytr, xte, yte, names, name, {'source': f'keras.datasets.{name}'})
+
+# %% ../nbs/00_data.ipynb #39bdd2ce
+import contextlib
+_TMP_TAIL = r'\.(\d+)-[0-9a-f]{8}\.tmp(\.[A-Za-z0-9]+)?'
+
+def _process_alive(pid:int) -> bool:
+    "Whether process `pid` runs on this machine (True when it cannot be told)."
+    if os.name != 'posix' or pid == os.getpid(): return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except OSError: return True                       # e.g. PermissionError: it runs, as another user
+    return True
+
+def stale_temporaries(path) -> list:
+    "Temporary files of `path` left by `atomic_path` writers that no longer run."
+    path = Path(path); pat = re.compile(re.escape(path.name) + _TMP_TAIL + '$')
+    try: names = sorted(os.listdir(path.parent))
+    except (FileNotFoundError, NotADirectoryError): return []
+    return [path.parent / n for n in names if (m := pat.match(n)) and not _process_alive(int(m.group(1)))]
+
+@contextlib.contextmanager
+def atomic_path(path,              # the file to (re)write
+                suffix:str='',     # ending the temporary name needs, e.g. '.keras' for `model.save`
+               ):
+    "Yield a temporary path beside `path`; after the block it is fsynced, given the umask's mode and renamed to `path`."
+    path = Path(path)
+    if path.is_dir(): raise IsADirectoryError(f'path {str(path)!r} is a folder; expected a file name to write')
+    if suffix and not re.fullmatch(r'\.[A-Za-z0-9]+', suffix): raise ValueError(f"suffix must look like '.keras'; got {suffix!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for f in stale_temporaries(path):
+        with contextlib.suppress(FileNotFoundError): f.unlink()
+    tmp = path.parent / f'{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp{suffix}'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask filters the mode, as for any new file
+    mode = os.fstat(fd).st_mode & 0o777; os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)                           # the writer may have replaced the file
+        fd = os.open(tmp, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        raise
+    if os.name == 'posix':                            # make the rename itself durable
+        with contextlib.suppress(OSError):
+            fd = os.open(path.parent, os.O_RDONLY)
+            try: os.fsync(fd)
+            finally: os.close(fd)
 
 # %% ../nbs/00_data.ipynb #19a648c4
 _CACHE_VERSION = 1

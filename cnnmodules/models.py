@@ -123,25 +123,15 @@ def evaluate(model:keras.Model, x, y, batch_size:int=256) -> dict:
     return {'top1': topk_accuracy(scores, y, 1), 'top5': topk_accuracy(scores, y, 5)}
 
 # %% ../nbs/01_models.ipynb #ce5aec16
+from .data import atomic_path
+
 def atomic_write_bytes(path, data:bytes):
-    "Write `data` to `path` through a temporary file in the same folder and a rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
+    "Write `data` to `path` atomically (`cnnmodules.data.atomic_path`: temporary file, fsync, rename, umask mode)."
+    with atomic_path(path) as tmp: Path(tmp).write_bytes(data)
 
 def save_model_atomic(model:keras.Model, path):
-    "`model.save(path)` through a temporary `.keras` file and a rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + '.', suffix='.tmp.keras'); os.close(fd)
-    try: model.save(tmp); os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
+    "`model.save(path)` atomically, through a temporary `.keras` file beside `path` (`cnnmodules.data.atomic_path`)."
+    with atomic_path(path, suffix='.keras') as tmp: model.save(tmp)
 
 # %% ../nbs/01_models.ipynb #d29d0e07
 class BestCheckpoint(keras.callbacks.Callback):

@@ -5,7 +5,7 @@
 # %% ../nbs/06_modules.ipynb #cfca20cd
 from __future__ import annotations
 from dataclasses import dataclass, field
-import io, json, os, tempfile, zipfile
+import io, json, tempfile, zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,8 @@ import keras
 from keras import layers
 
 from .graph import LayerGraph, DecompositionError, model_hash, graph_of
+from .data import atomic_path
+from .compose import evaluate_modules, module_scores
 
 # %% auto #0
 __all__ = ['FORMAT', 'NodeMask', 'Module', 'ModuleSet']
@@ -20,7 +22,7 @@ __all__ = ['FORMAT', 'NodeMask', 'Module', 'ModuleSet']
 # %% ../nbs/06_modules.ipynb #f93e5e0c
 @keras.saving.register_keras_serializable(package='cnnmodules')
 class NodeMask(layers.Layer):
-    "Multiply its input by a fixed 0/1 mask of the input's shape (without the batch axis): removed nodes become 0."
+    "Legacy: multiply the input by a fixed 0/1 mask (read `.keras` files of cnnmodules 0.1.0; `to_keras` no longer uses it)."
     def __init__(self, mask=None, shape=None, **kwargs):
         super().__init__(**kwargs)
         if mask is None and shape is None: raise ValueError('NodeMask needs a mask or its shape')
@@ -34,6 +36,54 @@ class NodeMask(layers.Layer):
     def call(self, x): return x * keras.ops.cast(self.mask, x.dtype)
     def compute_output_shape(self, input_shape): return input_shape
     def get_config(self): return {**super().get_config(), 'shape': list(self.mask_shape)}
+
+def _named(t, name:str, taken:set):
+    "Give the operation that produced symbolic tensor `t` the name `name` (made unique against `taken`)."
+    n, k = name, 1
+    while n in taken: n, k = f'{name}_{k}', k + 1
+    taken.add(n); t._keras_history.operation.name = n
+    return t
+
+def _mask_form(mask:np.ndarray):
+    "('all', None), ('channels', (C,) bool: the same at every position) or ('bits', int64 words: node j is bit j % 64 of word j // 64)."
+    mask = np.asarray(mask, bool)
+    if mask.all(): return 'all', None
+    rows = mask.reshape(-1, mask.shape[-1])
+    if (rows == rows[:1]).all(): return 'channels', rows[0]
+    b = np.packbits(mask.ravel(), bitorder='little')
+    return 'bits', np.pad(b, (0, -len(b) % 8)).view('<i8').astype('int64')
+
+def _unpack_bits(inp,                # the model's symbolic input
+                 words:np.ndarray,   # int64 words of all bit-packed masks, concatenated
+                 taken:set,          # operation names in use (updated)
+                ):
+    "Symbolic int64 (64 * len(words),) 0/1 tensor, element j = bit j % 64 of `words[j // 64]`, computed inside the model."
+    ops = keras.ops
+    def op(t, name): return _named(t, f'mask_bits_{name}', taken)
+    # Keras records an operation only when an argument is symbolic: start from a zero made of the input
+    # (the sum of an empty slice: no NaN and no empty batch can leak into it)
+    zero = op(ops.cast(op(ops.sum(op(inp[(slice(0, 0),)], 'empty')), 'sum'), 'int64'), 'zero')
+    shifts = op(ops.add(zero, np.arange(64, dtype='int64')[None]), 'positions')            # (1, 64)
+    # the constant goes first: Keras' TensorFlow `add` takes (1, 64) + (64, 1) for a bias add and returns (1, 64)
+    w = op(ops.add(words[:, None], op(ops.zeros_like(shifts), 'zeros')), 'words')         # (n_words, 64)
+    bits = op(ops.bitwise_and(op(ops.right_shift(w, shifts), 'shift'), np.ones((1, 1), 'int64')), 'and')
+    return op(ops.reshape(bits, (-1,)), 'flat')
+
+def _apply_mask(x,              # symbolic node tensor (batch, *shape)
+                form:str,       # 'all', 'channels' or 'bits' (`_mask_form`)
+                value,          # the channel vector, or the offset of this mask in `bits`
+                bits,           # callable: dtype -> the flat 0/1 tensor of all packed masks in that dtype
+                name:str,       # the node layer's name, base of the operations' names
+                taken:set,      # operation names in use (updated)
+               ):
+    "`x` with the nodes its mask removes set to 0, as `keras.ops` calls a functional model records; `x` itself when all are kept."
+    ops = keras.ops
+    if form == 'all': return x
+    if form == 'channels': return _named(ops.multiply(x, value.astype(x.dtype)), f'{name}_mask', taken)
+    shape = tuple(x.shape[1:]); n = int(np.prod(shape))
+    m = _named(bits(x.dtype)[(slice(value, value + n),)], f'{name}_mask_bits', taken)
+    return _named(ops.multiply(x, _named(ops.reshape(m, shape), f'{name}_mask_shape', taken)), f'{name}_mask', taken)
+
 
 # %% ../nbs/06_modules.ipynb #25a74add
 @dataclass(eq=False)
@@ -63,11 +113,21 @@ class Module:
         return f"Module({self.class_index}:{self.class_name!r} of {self.parent.name}, keeps {self.kept_fraction():.1%} of {self.graph.n_nodes():,} nodes)"
 
     def to_keras(self) -> keras.Model:
-        "A standalone Keras model with output [p_concerned, p_unconcerned], built from copies of the parent's layers and `NodeMask`s."
+        "A standalone Keras model with output [p_concerned, p_unconcerned]: copies of the parent's layers, masks as `keras.ops` multiplications."
         g = self.graph
         inp = keras.Input(shape=g.input_shape, dtype=self.parent.inputs[0].dtype, name='input')
+        taken = {op.name for op in g.ops} | {'module_head'}
+        forms, words = {}, []
+        for op, m in zip(g.node_ops, self.masks):
+            f, c = _mask_form(m)
+            if f == 'bits': forms[op.idx] = f, 64 * sum(map(len, words)); words.append(c)
+            else: forms[op.idx] = f, c
+        flat = _unpack_bits(inp, np.concatenate(words), taken) if words else None
+        floats = {}
+        def bits(dtype):
+            if dtype not in floats: floats[dtype] = _named(keras.ops.cast(flat, dtype), f'mask_bits_{dtype}', taken)
+            return floats[dtype]
         vals = {0: inp}
-        masks = dict(zip((op.idx for op in g.node_ops), self.masks))
         for op in g.ops[1:-1]:
             xs = [vals[i] for i in op.inputs]
             if op.kind == 'identity': out = xs[0]
@@ -75,7 +135,7 @@ class Module:
                 l = type(op.layer).from_config(op.layer.get_config())
                 out = l(xs if op.kind == 'add' else xs[0])
                 l.set_weights(op.layer.get_weights())
-            if op.node: out = NodeMask(masks[op.idx], name=f'{op.name}_mask', dtype=op.layer.dtype_policy)(out)
+            if op.node: out = _apply_mask(out, *forms[op.idx], bits, op.name, taken)
             vals[op.idx] = out
         head = layers.Dense(2, activation='softmax', name='module_head', dtype=g.head.layer.dtype_policy)
         out = head(vals[g.head_input.idx])
@@ -85,6 +145,14 @@ class Module:
 
 # %% ../nbs/06_modules.ipynb #dba1c45f
 FORMAT = 'cnnmodules.ModuleSet/1'
+
+def _jsonable(o):
+    "`o` with numpy scalars and arrays turned into Python numbers and lists, so that `json.dumps` takes it."
+    if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray): return o.tolist()
+    if isinstance(o, np.generic): return o.item()
+    return o
 
 class ModuleSet:
     "An ordered set of modules (position i = label i), composable by voting, saved as one compact file."
@@ -118,19 +186,19 @@ class ModuleSet:
         return f"ModuleSet({len(self)} modules of {len(ps)} parent{'s' * (len(ps) > 1)}: {', '.join(map(str, self.class_names[:8]))}{', ...' if len(self) > 8 else ''})"
     def evaluate(self, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True) -> dict:
         "Compose by voting and score: dict with `top1`, `top5`, `jaccard` (and the voting details)."
-        from cnnmodules.compose import evaluate_modules
         return evaluate_modules(self, x, y, mode=mode, batch_size=batch_size, jaccard=jaccard)
     def predict(self, x, mode:str='exact', batch_size:int=256) -> np.ndarray:
         "(n, len(self)) array of p_concerned and (n, len(self)) of p_unconcerned for inputs `x`."
-        from cnnmodules.compose import module_scores
         return module_scores(self, x, mode=mode, batch_size=batch_size)
 
     def save(self, path) -> Path:
         "Write the set as one zip file (parents once, packed masks, heads, manifest), atomically."
-        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        if path.is_dir(): raise DecompositionError(f'path {str(path)!r} is a folder; expected a file name such as {str(path / "modules.cnnm")!r}')
         parents = self.parents()
         hashes = [model_hash(p) for p in parents]
-        arrays, manifest = {}, {'format': FORMAT, 'name': self.name, 'parents': hashes, 'modules': []}
+        arrays, manifest = {}, {'format': FORMAT, 'name': self.name, 'parents': hashes, 'modules': [],
+                                'removed': _jsonable(self.removed), 'timings': _jsonable(self.timings)}
         for i, m in enumerate(self.modules):
             pi = next(j for j, p in enumerate(parents) if p is m.parent)
             manifest['modules'].append({'class_index': int(m.class_index), 'class_name': str(m.class_name), 'parent': pi,
@@ -138,18 +206,12 @@ class ModuleSet:
             for j, a in enumerate(m.masks): arrays[f'm{i}_{j}'] = np.packbits(np.asarray(a, bool).ravel())
             arrays[f'hk{i}'], arrays[f'hb{i}'] = np.asarray(m.head_kernel), np.asarray(m.head_bias)
             arrays[f'hm{i}'] = np.packbits(np.asarray(m.head_keep, bool))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp'); os.close(fd)
-        try:
-            with tempfile.TemporaryDirectory() as d, zipfile.ZipFile(tmp, 'w') as z:
-                z.writestr('manifest.json', json.dumps(manifest, indent=1))
-                for h, p in zip(hashes, parents):
-                    f = Path(d) / f'{h}.keras'; p.save(f); z.write(f, f'parents/{h}.keras')
-                buf = io.BytesIO(); np.savez_compressed(buf, **arrays)
-                z.writestr('arrays.npz', buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp): os.remove(tmp)
-            raise
+        with atomic_path(path) as tmp, tempfile.TemporaryDirectory() as d, zipfile.ZipFile(tmp, 'w') as z:
+            z.writestr('manifest.json', json.dumps(manifest, indent=1))
+            for h, p in zip(hashes, parents):
+                f = Path(d) / f'{h}.keras'; p.save(f); z.write(f, f'parents/{h}.keras')
+            buf = io.BytesIO(); np.savez_compressed(buf, **arrays)
+            z.writestr('arrays.npz', buf.getvalue())
         return path
 
     @classmethod
@@ -182,4 +244,6 @@ class ModuleSet:
         except DecompositionError: raise
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, json.JSONDecodeError) as e:
             raise DecompositionError(f'{path} is not a readable module set ({type(e).__name__}: {e})') from e
-        return cls(mods, manifest.get('name'))
+        ms = cls(mods, manifest.get('name'))
+        ms.removed, ms.timings = manifest.get('removed', {}), manifest.get('timings', {})
+        return ms
