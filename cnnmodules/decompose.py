@@ -42,7 +42,7 @@ def check_decompose_args(graph,                 # the model's `LayerGraph` (from
     if not (isinstance(delta, (int, float, np.integer, np.floating)) and not isinstance(delta, (bool, np.bool_)) and np.isfinite(delta)):
         raise DecompositionError(f'delta (δ of MC-BLN) must be a finite number; got {delta!r}')
     kernel = getattr(graph.head.layer, 'kernel', None)
-    wmax = float(np.abs(np.asarray(kernel)).max()) if kernel is not None else 0.0
+    wmax = float(np.abs(kernel.numpy()).max()) if kernel is not None else 0.0
     if not 0 < delta <= max(1.0, wmax):
         raise DecompositionError(f'delta (δ of MC-BLN) must be in (0, {max(1.0, wmax):.3g}]: the paper uses 0.5, and a δ above '
                                  f'every output-layer weight (largest |w| here {wmax:.3g}) removes nothing; got {delta!r}')
