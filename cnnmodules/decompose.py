@@ -72,7 +72,7 @@ def check_decompose_args(graph,                 # the model's `LayerGraph` (from
     if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1) or y.ndim == 0:
         raise DecompositionError(f'y must be integer class labels of shape (n,); got shape {y.shape}')
     y = y.reshape(-1)
-    if len(x) != len(y): raise DecompositionError(f'x has {len(x)} inputs but y has {len(y)} labels')
+    if len(x) != len(y): raise DecompositionError(f'x and y must have the same length; got {len(x)} inputs but {len(y)} labels')
     if y.dtype.kind not in 'uif': raise DecompositionError(f'y must be integer class labels; got dtype {y.dtype}')
     if y.dtype.kind == 'f':
         frac = ~np.isfinite(y) | (y != np.round(y))

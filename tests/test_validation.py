@@ -72,7 +72,7 @@ CASES = [
     ('unknown step',         lambda d: (d.x_train, d.y_train, dict(steps=('ci', 'ti', 'mc', 'blm'))), 'steps', "unknown ['blm']"),
     ('steps a string',       lambda d: (d.x_train, d.y_train, dict(steps='ci')),        'steps', 'tuple of step names'),
     ('steps without mc',     lambda d: (d.x_train, d.y_train, dict(steps=('ci', 'ti'))), 'steps', "must include 'mc'"),
-    ('len(x) != len(y)',     lambda d: (d.x_train, d.y_train[:1000], {}),               'x', 'x has 1437 inputs but y has 1000 labels'),
+    ('len(x) != len(y)',     lambda d: (d.x_train, d.y_train[:1000], {}),               'x', 'x and y must have the same length; got 1437 inputs but 1000 labels'),
     ('wrong input shape',    lambda d: (d.x_train[:, :4], d.y_train, {}),               'x', 'inputs have shape (4, 8, 1) but the model expects (8, 8, 1)'),
     ('missing channel axis', lambda d: (d.x_train[..., 0], d.y_train, {}),              'x', 'inputs have shape (8, 8) but the model expects (8, 8, 1)'),
     ('empty x',              lambda d: (d.x_train[:0], d.y_train[:0], {}),              'x', 'empty'),
