@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/index.ipynb #a5a26087
-# importing the package registers its Keras layer, so `keras.saving.load_model` opens a module's `.keras` file
-from .modules import NodeMask
+# `import cnnmodules` stays light (no TensorFlow, no Keras), so `cnnmodules --help` answers at once; each
+# submodule imports what it needs. Nothing is registered with Keras here: a module's standalone `.keras` file
+# is to open with Keras alone.

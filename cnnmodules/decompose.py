@@ -15,7 +15,91 @@ from .modularize import modularize
 from .modules import Module, ModuleSet
 
 # %% auto #0
-__all__ = ['decompose', 'timed', 'decompose_vs_predict']
+__all__ = ['STEPS', 'check_decompose_args', 'decompose', 'timed', 'decompose_vs_predict']
+
+# %% ../nbs/09_decompose.ipynb #bf554973
+STEPS = ('ci', 'ti', 'mc', 'blc', 'bi')
+
+def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+def check_decompose_args(graph,                 # the model's `LayerGraph` (from `graph_of`)
+                         x, y,                  # training inputs and labels, as given to `decompose`
+                         n_concerned=None,      # E, or None for min(1000, smallest decomposed class)
+                         classes=None,          # class indices to build modules for, or None for all
+                         delta=0.5,             # δ of MC-BLN
+                         steps=('ci', 'ti', 'mc', 'blc'),
+                         *, seed=0, batch_size=256, class_names=None):
+    "Raise one `DecompositionError` naming the first bad argument of `decompose` and what was expected; run nothing."
+    N = graph.num_classes
+    # the arguments a person types: cheap, first
+    if isinstance(steps, str) or not np.iterable(steps) or not all(isinstance(s, str) for s in steps):
+        raise DecompositionError(f"steps must be a tuple of step names such as ('ci', 'ti', 'mc', 'blc'); got {steps!r}")
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown: raise DecompositionError(f"steps: unknown {unknown}; known: ci, ti, mc, blc (MC-BLN), bi (MC-BI)")
+    if 'mc' not in steps: raise DecompositionError("steps must include 'mc': channeling gives a module its 2-unit head")
+    if n_concerned is not None and not (_is_int(n_concerned) and n_concerned >= 1):
+        raise DecompositionError(f'n_concerned (E) must be a positive integer or None (min(1000, smallest class)); got {n_concerned!r}')
+    if not (isinstance(delta, (int, float, np.integer, np.floating)) and not isinstance(delta, (bool, np.bool_)) and np.isfinite(delta)):
+        raise DecompositionError(f'delta (δ of MC-BLN) must be a finite number; got {delta!r}')
+    kernel = getattr(graph.head.layer, 'kernel', None)
+    wmax = float(np.abs(kernel.numpy()).max()) if kernel is not None else 0.0
+    if not 0 < delta <= max(1.0, wmax):
+        raise DecompositionError(f'delta (δ of MC-BLN) must be in (0, {max(1.0, wmax):.3g}]: the paper uses 0.5, and a δ above '
+                                 f'every output-layer weight (largest |w| here {wmax:.3g}) removes nothing; got {delta!r}')
+    if not (_is_int(seed) and seed >= 0): raise DecompositionError(f'seed must be a non-negative integer; got {seed!r}')
+    if not (_is_int(batch_size) and batch_size >= 1): raise DecompositionError(f'batch_size must be a positive integer; got {batch_size!r}')
+    if class_names is not None and (isinstance(class_names, str) or not hasattr(class_names, '__len__') or len(class_names) != N):
+        raise DecompositionError(f'class_names must name all {N} classes of the model; got {class_names!r}'[:300])
+    if classes is not None:
+        if isinstance(classes, (str, bytes)) or not np.iterable(classes):
+            raise DecompositionError(f'classes must be a list of class indices such as [3, 5], or None for all; got {classes!r}')
+        classes = list(classes)
+        if not classes: raise DecompositionError('classes must name at least one class; got [] (None means all)')
+        bad = [c for c in classes if not _is_int(c)]
+        if bad: raise DecompositionError(f'classes must be integer class indices; got {bad}')
+        bad = [int(c) for c in classes if not 0 <= c < N]
+        if bad: raise DecompositionError(f'classes {bad} are not classes of this {N}-class model (expected indices 0..{N - 1})')
+        if len(set(int(c) for c in classes)) != len(classes): raise DecompositionError(f'classes has duplicates: {[int(c) for c in classes]}')
+    cls = list(range(N)) if classes is None else [int(c) for c in classes]
+    # the data
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind not in 'uif': raise DecompositionError(f'x must be a numeric array of inputs; got dtype {x.dtype}')
+    if tuple(x.shape[1:]) != tuple(graph.input_shape):
+        raise DecompositionError(f'x: inputs have shape {tuple(x.shape[1:])} but the model expects {tuple(graph.input_shape)}')
+    if len(x) == 0: raise DecompositionError('x is empty: decompose needs training inputs')
+    if y.ndim == 2 and y.shape[1] > 1:
+        raise DecompositionError(f'y must be integer class labels of shape (n,); got shape {y.shape} (one-hot? pass y.argmax(1))')
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1) or y.ndim == 0:
+        raise DecompositionError(f'y must be integer class labels of shape (n,); got shape {y.shape}')
+    y = y.reshape(-1)
+    if len(x) != len(y): raise DecompositionError(f'x and y must have the same length; got {len(x)} inputs but {len(y)} labels')
+    if y.dtype.kind not in 'uif': raise DecompositionError(f'y must be integer class labels; got dtype {y.dtype}')
+    if y.dtype.kind == 'f':
+        frac = ~np.isfinite(y) | (y != np.round(y))
+        if frac.any(): raise DecompositionError(f'y must be integer class labels; found {float(y[frac][0])} at position {int(np.flatnonzero(frac)[0])}')
+    if y.min() < 0 or y.max() >= N:
+        raise DecompositionError(f'y: labels must be in 0..{N - 1} for this {N}-class model; found {y.min():g}..{y.max():g}')
+    per_class = np.bincount(y.astype('int64'), minlength=N)
+    names = list(class_names) if class_names is not None else None
+    def name(c): return f"class {c}" + (f" ('{names[c]}')" if names is not None and str(names[c]) != str(c) else '')
+    empty = [c for c in cls if per_class[c] == 0]
+    if empty:
+        raise DecompositionError(f'{name(empty[0])} has 0 training inputs in y, so its module has no concerned inputs; '
+                                 f'drop it from classes or pass data with it' + (f' (also empty: {empty[1:]})' if empty[1:] else ''))
+    E = int(min(1000, per_class[cls].min())) if n_concerned is None else int(n_concerned)
+    k = E // (N - 1) if N > 1 else 0
+    for c in range(N):
+        need, role = (E, 'concerned inputs for its module') if c in cls else (k, 'tangling inputs (n_concerned // (N-1))')
+        if per_class[c] < need:
+            raise DecompositionError(f'{name(c)} has {per_class[c]} training inputs but {need} are needed as {role} '
+                                     f'(n_concerned={E}, N={N}); lower n_concerned or pass more data')
+    if x.dtype.kind == 'f':   # integer inputs cannot be NaN; floats are checked in chunks to bound memory
+        flat = x.reshape(len(x), -1)
+        for i in range(0, len(x), 4096):
+            bad = ~np.isfinite(flat[i:i + 4096]).all(1)
+            if bad.any():
+                n_bad = int(sum((~np.isfinite(flat[j:j + 4096])).any(1).sum() for j in range(i, len(x), 4096)))
+                raise DecompositionError(f'x has {n_bad} inputs with NaN or infinite values, the first at index {i + int(np.flatnonzero(bad)[0])}')
 
 # %% ../nbs/09_decompose.ipynb #f88a9fa5
 def decompose(model,                       # a trained Keras classifier (functional or Sequential)
@@ -36,11 +120,8 @@ def decompose(model,                       # a trained Keras classifier (functio
     t0 = time.perf_counter()
     g = graph_of(model, linear_nodes)
     N = g.num_classes
+    check_decompose_args(g, x, y, n_concerned, classes, delta, steps, seed=seed, batch_size=batch_size, class_names=class_names)
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
-    if len(x) != len(y): raise DecompositionError(f'{len(x)} inputs but {len(y)} labels')
-    if tuple(x.shape[1:]) != tuple(g.input_shape):
-        raise DecompositionError(f'inputs have shape {tuple(x.shape[1:])} but the model expects {tuple(g.input_shape)}')
-    if class_names is not None and len(class_names) != N: raise DecompositionError(f'{len(class_names)} class names for a {N}-class model')
     names = list(class_names) if class_names is not None else [str(i) for i in range(N)]
     cls = list(range(N)) if classes is None else [int(c) for c in classes]
     auto_e = n_concerned is None
