@@ -102,6 +102,11 @@ def check_decompose_args(graph,                 # the model's `LayerGraph` (from
                 raise DecompositionError(f'x has {n_bad} inputs with NaN or infinite values, the first at index {i + int(np.flatnonzero(bad)[0])}')
 
 # %% ../nbs/09_decompose.ipynb #f88a9fa5
+def _kept_after_ci(counts) -> list:
+    "Nodes each module keeps after CI alone, one layer at a time (no second copy of the masks)."
+    cls = counts.sample.classes
+    return [int(v) for v in sum((c[cls] > 0).reshape(len(cls), -1).sum(1, dtype=np.int64) for c in counts.concerned)]
+
 def decompose(model,                       # a trained Keras classifier (functional or Sequential)
               x, y,                        # training inputs and integer labels
               *, n_concerned:int|None=None, # E: concerned inputs per module (None: min(1000, smallest class))
@@ -133,10 +138,10 @@ def decompose(model,                       # a trained Keras classifier (functio
     counts = activation_counts(g, x, s, batch_size=batch_size, progress=progress, strategy=strategy)
     t2 = time.perf_counter()
     keep = kept_nodes(counts, steps)
-    keep, hk, hb, hkeep, removed = modularize(g, keep, cls, steps, delta)
+    keep, hk, hb, hkeep, removed = modularize(g, keep, cls, steps, delta, copy=False)
     t3 = time.perf_counter()
     total = g.n_nodes()
-    ci = kept_nodes(counts, ('ci',)) if 'ci' in steps else None
+    kept_ci = _kept_after_ci(counts) if 'ci' in steps else [total] * len(cls)
     phash = model_hash(model)
     mods = []
     for i, c in enumerate(cls):
@@ -144,7 +149,7 @@ def decompose(model,                       # a trained Keras classifier (functio
                 'n_concerned': s.n_concerned, 'n_concerned_auto': auto_e, 'n_tangling': s.n_tangling,
                 'steps': list(steps), 'delta': delta, 'linear_nodes': linear_nodes, 'seed': seed, 'cnnmodules': cnnmodules.__version__,
                 'nodes': total,
-                'kept_ci': int(sum(k[i].sum() for k in ci)) if ci is not None else total,
+                'kept_ci': kept_ci[i],
                 'kept': int(sum(k[i].sum() for k in keep)), 'head_inputs_removed': int((~hkeep[i]).sum())}
         mods.append(Module(c, names[c], [k[i] for k in keep], hk[i], hb[i], hkeep[i], model, prov))
     ms = ModuleSet(mods, name=f'{model.name} on {dataset}' if dataset else model.name)

@@ -109,10 +109,12 @@ def live_elements(graph:LayerGraph, keep:list, head_keep:np.ndarray, through_con
             need[j] = need[j] | q if j in need else np.array(q, bool)
     return live
 
-def backtrack(graph:LayerGraph, keep:list, head_keep:np.ndarray, through_conv:bool=True, dense_delta:float|None=None) -> None:
-    "Remove from `keep` (in place) every node that no kept computation reads; with `dense_delta`, apply MC-BLN's Dense rule on the way."
-    live = live_elements(graph, keep, head_keep, through_conv, dense_delta)
-    for i, op in enumerate(graph.node_ops): keep[i] &= live[op.idx]
+def backtrack(graph:LayerGraph, keep:list, head_keep:np.ndarray, through_conv:bool=True, dense_delta:float|None=None, chunk:int=16) -> None:
+    "Remove from `keep` (in place) every node that no kept computation reads; with `dense_delta`, apply MC-BLN's Dense rule on the way. Modules go `chunk` at a time (bounded memory)."
+    for s in range(0, len(head_keep), chunk):
+        sl = slice(s, s + chunk)
+        live = live_elements(graph, [k[sl] for k in keep], head_keep[sl], through_conv, dense_delta)
+        for i, op in enumerate(graph.node_ops): keep[i][sl] &= live[op.idx]
 
 # %% ../nbs/04_modularize.ipynb #c77cb121
 def head_rule(head_kernel:np.ndarray, delta:float=0.5) -> np.ndarray:
@@ -132,12 +134,12 @@ def mc_bi(graph:LayerGraph, keep:list, head_keep:np.ndarray|None=None) -> None:
     backtrack(graph, keep, head_keep, through_conv=True)
 
 # %% ../nbs/04_modularize.ipynb #da2a1558
-def modularize(graph:LayerGraph, keep:list, classes, steps=('ci', 'ti', 'mc', 'blc'), delta:float=0.5):
-    "Channel the head and apply MC-BLN ('blc') and MC-BI ('bi') when in `steps`; returns (keep, head_kernel, head_bias, head_keep, removed_per_step)."
+def modularize(graph:LayerGraph, keep:list, classes, steps=('ci', 'ti', 'mc', 'blc'), delta:float=0.5, copy:bool=True):
+    "Channel the head and apply MC-BLN ('blc') and MC-BI ('bi') when in `steps`; returns (keep, head_kernel, head_bias, head_keep, removed_per_step). `copy=False` changes `keep` in place."
     if 'mc' not in steps: raise DecompositionError("steps must include 'mc': channeling gives a module its 2-unit head")
     unknown = set(steps) - {'ci', 'ti', 'mc', 'blc', 'bi'}
     if unknown: raise DecompositionError(f"unknown steps {sorted(unknown)}; known: ci, ti, mc, blc (MC-BLN), bi (MC-BI)")
-    keep = [k.copy() for k in keep]
+    if copy: keep = [k.copy() for k in keep]
     W, b = [np.asarray(w) for w in graph.head.layer.get_weights()[:2]] if graph.head.layer.use_bias else (np.asarray(graph.head.layer.kernel), np.zeros(graph.num_classes))
     hk, hb = channel_head(W, b, classes)
     head_keep = np.ones(hk.shape[:2], bool)

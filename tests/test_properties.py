@@ -147,7 +147,7 @@ def keras_node_values(model, g, x):
 
 @ADD
 @props(8)
-@given(st.sampled_from([0.0, 0.1, 0.5]), st.data())
+@given(st.sampled_from([0.01, 0.1, 0.5]), st.data())
 def test_steps_nest(residual, delta, data):
     spec = data.draw(cnn_specs(residual=residual), label='spec')
     m = build(spec)
@@ -363,7 +363,7 @@ def test_save_load_roundtrip(residual, data):
 
 # ---------------------------------------------------------------- 7. exact scores = to_keras() one by one
 
-# float32 models and atol 1e-5 here and in 6: `to_keras()` builds its NodeMask layers and 2-unit head with Keras'
+# float32 models and atol 1e-5 here and in 6: `to_keras()` builds its 2-unit head with Keras'
 # default float32 policy, so even a float64 parent's standalone module computes in float32 after each node layer.
 
 def random_modules(model, rng, p_keep):
