@@ -14,7 +14,7 @@ from .jaccard import jaccard as jaccard_index
 if TYPE_CHECKING: from cnnmodules.modules import ModuleSet   # annotations only: `modules` imports this module
 
 # %% auto #0
-__all__ = ['vote', 'vote_margin', 'module_logits', 'module_scores', 'evaluate_modules']
+__all__ = ['MODES', 'vote', 'vote_margin', 'module_logits', 'module_scores', 'evaluate_modules']
 
 # %% ../nbs/08_compose.ipynb #f51d2a50
 def vote(pc:np.ndarray, # (n, M) p_concerned
@@ -32,6 +32,8 @@ def vote_margin(margin:np.ndarray, # (n, M) logit margins z_concerned - z_unconc
     return np.where(voters.any(1), np.where(voters, margin, -np.inf).argmax(1), margin.argmax(1))
 
 # %% ../nbs/08_compose.ipynb #ef5dd6cf
+MODES = ('exact', 'full', 'fused', 'candidates')
+
 def _group_by_parent(ms):
     groups = []
     for i, m in enumerate(ms.modules):
@@ -40,72 +42,116 @@ def _group_by_parent(ms):
         else: groups.append((m.parent, m.linear_nodes, [i]))
     return groups
 
-def _score_fn(g, mode):
-    "The batched `tf.function` of graph `g` giving (B, M, 2) head logits, built once per graph and mode; masks and heads are arguments."
+def _score_fn(g, kind):
+    "A `tf.function` of graph `g`, built once per graph and kind: 'full' → (B, M, 2) masked logits; 'probe' → parent-head logits (B, M, 2) and dirty pairs (B, M); 'rows' → (R, 2) masked logits of (input, module) pairs."
     import tensorflow as tf
     cache = g.__dict__.setdefault('_score_fns', {})
-    if mode not in cache:
-        if mode == 'exact':
+    if kind not in cache:
+        if kind == 'full':
             @tf.function(reduce_retracing=True)
             def f(xb, masks, hk, hb):
                 M = tf.shape(hk)[0]
                 h = forward(g, xb, masks, n_modules=M)
                 h = tf.reshape(h, [M, tf.shape(xb)[0], -1])
                 return tf.einsum('mbd,mdk->bmk', h, hk) + hb[None]
-        elif mode == 'fused':
+        elif kind == 'probe':
+            @tf.function(reduce_retracing=True)
+            def f(xb, removed, hk, hb):
+                h, nodes = forward(g, xb, collect='both')
+                dirty = 0.
+                for v, r in zip(nodes, removed):   # how many removed nodes of each module are non-zero on each input
+                    nz = tf.cast(tf.reshape(v, [tf.shape(v)[0], -1]) != 0, tf.float32)
+                    dirty += tf.matmul(nz, r, transpose_b=True)
+                return tf.einsum('bd,mdk->bmk', h, hk) + hb[None], dirty > 0
+        elif kind == 'rows':
+            @tf.function(reduce_retracing=True)
+            def f(xb, pb, pm, masks, hk, hb):
+                h = forward(g, tf.gather(xb, pb), [tf.gather(m, pm) for m in masks], row_masks=True)
+                return tf.einsum('rd,rdk->rk', h, tf.gather(hk, pm)) + tf.gather(hb, pm)
+        elif kind == 'fused':
             @tf.function(reduce_retracing=True)
             def f(xb, masks, hk, hb):
                 return tf.einsum('bd,mdk->bmk', forward(g, xb), hk) + hb[None]
-        else: raise DecompositionError(f"mode must be 'exact' or 'fused'; got {mode!r}")
-        cache[mode] = f
-    return cache[mode]
+        else: raise DecompositionError(f"unknown scoring function {kind!r}")
+        cache[kind] = f
+    return cache[kind]
 
-def _scorer(parent, mods, mode):
+def _group_logits(mods, x, mode, batch_size, budget, k, stats, bar):
+    "(n, M, 2) logits of the modules `mods` (one parent, one node rule) for inputs `x`."
     import tensorflow as tf
-    g = mods[0].graph
+    g, parent = mods[0].graph, mods[0].parent
     dt = parent.inputs[0].dtype
-    f = _score_fn(g, mode)
+    M, n = len(mods), len(x)
     hk = tf.constant(np.stack([m.head_kernel * m.head_keep[:, None] for m in mods]), dt)   # (M, d, 2)
     hb = tf.constant(np.stack([m.head_bias for m in mods]), dt)                           # (M, 2)
-    masks = [tf.constant(np.stack([m.masks[j] for m in mods]), dt) for j in range(len(g.node_ops))] if mode == 'exact' else []
-    return lambda xb: f(tf.constant(xb), masks, hk, hb)
+    masks = [tf.constant(np.stack([m.masks[j] for m in mods])) for j in range(len(g.node_ops))] if mode != 'fused' else []
+    z = np.zeros((n, M, 2), 'float64')
+    bs = min(n, batch_size if mode != 'full' else max(1, min(batch_size, budget // M)))
+    rows = max(1, min(budget, 4 * bs))            # (input, module) pairs per masked call
+    if mode in ('exact', 'candidates'):
+        removed = [tf.constant(np.stack([~m.masks[j].reshape(-1) for m in mods]).astype('float32')) for j in range(len(g.node_ops))]
+    for s in range(0, n, bs):
+        xb = model_input(x[s:s + bs], dt); m = len(xb)
+        if m < bs: xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)])  # one trace for all batches
+        xb = tf.constant(xb)
+        if mode == 'full': z[s:s + m] = _score_fn(g, 'full')(xb, masks, hk, hb).numpy()[:m]
+        elif mode == 'fused': z[s:s + m] = _score_fn(g, 'fused')(xb, masks, hk, hb).numpy()[:m]
+        else:
+            zp, dirty = _score_fn(g, 'probe')(xb, removed, hk, hb)
+            zp, dirty = zp.numpy()[:m], dirty.numpy()[:m]
+            if mode == 'candidates' and M > k:
+                top = np.argpartition(-(zp[..., 0] - zp[..., 1]), k - 1, axis=1)[:, :k]
+                cand = np.zeros_like(dirty); np.put_along_axis(cand, top, True, axis=1)
+                stats['dirty_skipped'] += int((dirty & ~cand).sum()); dirty &= cand
+            z[s:s + m] = zp
+            pb, pm = np.nonzero(dirty)
+            stats['pairs'] += m * M; stats['dirty'] += len(pb)
+            for r in range(0, len(pb), rows):
+                b_, m_ = pb[r:r + rows], pm[r:r + rows]
+                pad = rows - len(b_)
+                out = _score_fn(g, 'rows')(xb, tf.constant(np.concatenate([b_, np.zeros(pad, b_.dtype)]), tf.int32),
+                                           tf.constant(np.concatenate([m_, np.zeros(pad, m_.dtype)]), tf.int32), masks, hk, hb).numpy()
+                z[s + b_, m_] = out[:len(b_)]
+        bar.update(m)
+    return z
 
-def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False) -> np.ndarray:
-    "(n, len(ms), 2) head logits [z_concerned, z_unconcerned] of every module for inputs `x`."
+def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False,
+                  k:int=10, stats:dict|None=None) -> np.ndarray:
+    "(n, len(ms), 2) head logits [z_concerned, z_unconcerned] of every module for inputs `x`; `stats` (a dict) receives how many (input, module) pairs were run masked."
+    if mode not in MODES: raise DecompositionError(f"mode must be one of {MODES}; got {mode!r}")
+    if mode == 'candidates' and (not isinstance(k, (int, np.integer)) or k < 1): raise DecompositionError(f'k must be a positive integer; got {k!r}')
     x = np.asarray(x)
     if tuple(x.shape[1:]) != tuple(ms.input_shape):
         raise DecompositionError(f'inputs have shape {tuple(x.shape[1:])} but the modules expect {tuple(ms.input_shape)}')
-    n = len(x)
-    z = np.zeros((n, len(ms), 2), 'float64')
-    if n == 0: return z
-    for parent, _, idx in _group_by_parent(ms):
-        f = _scorer(parent, [ms.modules[i] for i in idx], mode)
-        bs = batch_size if mode == 'fused' else max(1, min(batch_size, budget // len(idx)))
-        dt = parent.inputs[0].dtype
-        bs = min(bs, n)
-        for s in tqdm(range(0, n, bs), desc=f'{mode} composition', unit='batch', disable=not progress, leave=False):
-            xb = model_input(x[s:s + bs], dt); m = len(xb)
-            if m < bs: xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)])  # one trace for all batches
-            z[s:s + m, idx] = f(xb).numpy()[:m]
+    stats = {} if stats is None else stats
+    stats.update(pairs=0, dirty=0, dirty_skipped=0)
+    z = np.zeros((len(x), len(ms), 2), 'float64')
+    if len(x) == 0: return z
+    groups = _group_by_parent(ms)
+    with tqdm(total=len(x) * len(groups), desc=f'{mode} composition', unit='input', disable=not progress, leave=False) as bar:
+        for _, _, idx in groups:
+            z[:, idx] = _group_logits([ms.modules[i] for i in idx], x, mode, batch_size, budget, k, stats, bar)
     return z
 
-def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False):
+def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False, k:int=10):
     "(p_concerned, p_unconcerned), each (n, len(ms)), for inputs `x`."
-    z = module_logits(ms, x, mode, batch_size, budget, progress)
+    z = module_logits(ms, x, mode, batch_size, budget, progress, k)
     half = (z[..., 0] - z[..., 1]) / 2       # softmax over two logits, written without overflow
     return 0.5 * (1 + np.tanh(half)), 0.5 * (1 - np.tanh(half))
 
 # %% ../nbs/08_compose.ipynb #9920f432
-def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False) -> dict:
+def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False, k:int=10) -> dict:
     "Top-1 (voting) and top-5 (by p_concerned) accuracy of the composed modules on (x, y); labels are positions in `ms`."
     y = np.asarray(y).astype('int64')
     if len(y) != len(x): raise DecompositionError(f'{len(x)} inputs but {len(y)} labels')
     if len(y) and (y.min() < 0 or y.max() >= len(ms)): raise DecompositionError(f'labels must be 0..{len(ms) - 1} (positions in the module set); found {y.min()}..{y.max()}')
-    z = module_logits(ms, x, mode, batch_size, progress=progress)
+    stats = {}
+    z = module_logits(ms, x, mode, batch_size, progress=progress, k=k, stats=stats)
     margin = z[..., 0] - z[..., 1]
     pred = vote_margin(margin)
     nv = (margin > 0).sum(1)
     out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(margin, y, 5), 'mode': mode, 'n': int(len(y)),
+           'masked_pairs': stats['dirty'] / max(1, stats['pairs']) if mode in ('exact', 'candidates') else float(mode == 'full'),
            'voters': {'none': float((nv == 0).mean()), 'one': float((nv == 1).mean()), 'several': float((nv > 1).mean())}}
     if jaccard: out['jaccard'] = jaccard_index(ms)
     return out

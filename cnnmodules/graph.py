@@ -233,8 +233,8 @@ def _call(op, xs):
     if op.kind == 'identity': return xs[0]
     return op.layer(xs[0])
 
-def forward(graph:LayerGraph, x, masks=None, n_modules:int=1, collect:bool=False):
-    "Run `graph` on `x` up to the head's input; with `masks` (list aligned with `graph.node_ops`, each (N, *shape) or None) for N modules stacked on the batch axis."
+def forward(graph:LayerGraph, x, masks=None, n_modules:int=1, collect:bool|str=False, row_masks:bool=False):
+    "Run `graph` on `x` up to the head's input; with `masks` (list aligned with `graph.node_ops`, each (N, *shape) or None) for N modules stacked on the batch axis, or with `row_masks` one mask per input row ((B, *shape)). `collect=True` returns the node tensors instead, `'both'` (head input, node tensors)."
     import tensorflow as tf
     vals, per_module = {0: x}, {0: False}
     b = tf.shape(x)[0]
@@ -249,13 +249,14 @@ def forward(graph:LayerGraph, x, masks=None, n_modules:int=1, collect:bool=False
         if op.node:
             if collect: collected.append(out)
             m = mask_of.get(op.idx)
-            if m is not None:
+            if m is not None and row_masks: out = out * tf.cast(m, out.dtype)
+            elif m is not None:
                 m = tf.cast(m, out.dtype)[:, None]
                 if is_pm: out = tf.reshape(tf.reshape(out, tf.concat([[n_modules, b], tf.shape(out)[1:]], 0)) * m, tf.shape(out))
                 else: out = tf.reshape(out[None] * m, tf.concat([[n_modules * b], tf.shape(out)[1:]], 0))
                 is_pm = True
         vals[op.idx], per_module[op.idx] = out, is_pm
-    if collect: return collected
+    if collect is True: return collected
     h = vals[graph.head_input.idx]
-    if masks is not None and not per_module[graph.head_input.idx]: h = tf.tile(h, [n_modules, 1])
-    return h
+    if masks is not None and not row_masks and not per_module[graph.head_input.idx]: h = tf.tile(h, [n_modules, 1])
+    return (h, collected) if collect == 'both' else h

@@ -184,12 +184,12 @@ class ModuleSet:
     def __repr__(self):
         ps = self.parents()
         return f"ModuleSet({len(self)} modules of {len(ps)} parent{'s' * (len(ps) > 1)}: {', '.join(map(str, self.class_names[:8]))}{', ...' if len(self) > 8 else ''})"
-    def evaluate(self, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True) -> dict:
-        "Compose by voting and score: dict with `top1`, `top5`, `jaccard` (and the voting details)."
-        return evaluate_modules(self, x, y, mode=mode, batch_size=batch_size, jaccard=jaccard)
-    def predict(self, x, mode:str='exact', batch_size:int=256) -> np.ndarray:
+    def evaluate(self, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, k:int=10) -> dict:
+        "Compose by voting and score: dict with `top1`, `top5`, `jaccard` (and the voting details); `mode` as in `cnnmodules.compose`."
+        return evaluate_modules(self, x, y, mode=mode, batch_size=batch_size, jaccard=jaccard, k=k)
+    def predict(self, x, mode:str='exact', batch_size:int=256, k:int=10) -> np.ndarray:
         "(n, len(self)) array of p_concerned and (n, len(self)) of p_unconcerned for inputs `x`."
-        return module_scores(self, x, mode=mode, batch_size=batch_size)
+        return module_scores(self, x, mode=mode, batch_size=batch_size, k=k)
 
     def save(self, path) -> Path:
         "Write the set as one zip file (parents once, packed masks, heads, manifest), atomically."
