@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['TARGETS', 'machine', 'peak_rss_gb', 'distributed_masks_identical', 'bench', 'markdown']
+__all__ = ['TARGETS', 'machine', 'peak_rss_gb', 'distributed_masks_identical', 'bench', 'markdown', 'add_arguments', 'run']
 
 # %% ../nbs/13_bench.ipynb #d2d3c6b9
 def machine() -> dict:
@@ -209,3 +209,29 @@ def markdown(res:dict) -> str:
     lines.append(f"| `fused_top1_delta_pp` ({res.get('trained_model')}) | {res.get('fused_top1_delta_pp', float('nan')):+.2f} pp | report | |")
     lines.append(f"| `distributed_masks_identical` | {res.get('distributed_masks_identical')} | True | {'yes' if res.get('distributed_masks_identical') else '**no**'} |")
     return '\n'.join(lines) + '\n'
+
+# %% ../nbs/13_bench.ipynb #56514efe
+def add_arguments(p):
+    "The `cnnmodules bench` options."
+    p.add_argument('--quick', action='store_true', help='the quick run (about 5 minutes here): smaller E, ResNet-20 at 202 classes')
+    p.add_argument('--json', metavar='FILE', help='write the whole result as JSON')
+    p.add_argument('--markdown', metavar='FILE', help='write the table as markdown')
+    p.add_argument('--model', metavar='MODEL.keras', help='a trained model for the accuracy figure (with --data)')
+    p.add_argument('--data', metavar='DATA', help='its dataset: a name (digits, cifar10, ...) or a path load_dataset accepts')
+    p.add_argument('--repeats', type=int, default=3, help='timed repeats; medians are reported (default 3)')
+    p.add_argument('--no-distributed', action='store_true', help='skip the two-device tf.distribute check')
+
+def run(args) -> int:
+    "Run the benchmark from parsed `cnnmodules bench` arguments; write the files asked for."
+    from cnnmodules.data import atomic_path
+    if (args.model is None) != (args.data is None): raise SystemExit('cnnmodules bench: error: --model and --data go together')
+    if args.repeats < 1: raise SystemExit(f'cnnmodules bench: error: --repeats must be at least 1; got {args.repeats}')
+    for f in (args.json, args.markdown):
+        if f is not None and Path(f).is_dir(): raise SystemExit(f'cnnmodules bench: error: {f} is a folder; give a file name')
+    res = bench(quick=args.quick, repeats=args.repeats, model=args.model, data=args.data, distributed=not args.no_distributed)
+    table = markdown(res)
+    print(table)
+    for f, text in ((args.json, json.dumps(res, indent=1, default=str)), (args.markdown, table)):
+        if f is not None:
+            with atomic_path(f) as t: Path(t).write_text(text)
+    return 0
