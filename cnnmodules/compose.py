@@ -88,7 +88,7 @@ def _group_logits(mods, x, mode, batch_size, budget, k, stats, bar):
     z = np.zeros((n, M, 2), 'float64')
     bs = min(n, batch_size if mode != 'full' else max(1, min(batch_size, budget // M)))
     rows = max(1, min(budget, 4 * bs))            # (input, module) pairs per masked call
-    if mode in ('exact', 'candidates'):
+    if mode == 'exact':
         removed = [tf.constant(np.stack([~m.masks[j].reshape(-1) for m in mods]).astype('float32')) for j in range(len(g.node_ops))]
     for s in range(0, n, bs):
         xb = model_input(x[s:s + bs], dt); m = len(xb)
@@ -97,12 +97,15 @@ def _group_logits(mods, x, mode, batch_size, budget, k, stats, bar):
         if mode == 'full': z[s:s + m] = _score_fn(g, 'full')(xb, masks, hk, hb).numpy()[:m]
         elif mode == 'fused': z[s:s + m] = _score_fn(g, 'fused')(xb, masks, hk, hb).numpy()[:m]
         else:
-            zp, dirty = _score_fn(g, 'probe')(xb, removed, hk, hb)
-            zp, dirty = zp.numpy()[:m], dirty.numpy()[:m]
-            if mode == 'candidates' and M > k:
-                top = np.argpartition(-(zp[..., 0] - zp[..., 1]), k - 1, axis=1)[:, :k]
-                cand = np.zeros_like(dirty); np.put_along_axis(cand, top, True, axis=1)
-                stats['dirty_skipped'] += int((dirty & ~cand).sum()); dirty &= cand
+            if mode == 'exact':
+                zp, dirty = _score_fn(g, 'probe')(xb, removed, hk, hb)
+                zp, dirty = zp.numpy()[:m], dirty.numpy()[:m]
+            else:                                  # candidates: the parent's pass ranks; the top k are re-run masked
+                zp = _score_fn(g, 'fused')(xb, [], hk, hb).numpy()[:m]
+                dirty = np.ones((m, M), bool)
+                if M > k:
+                    top = np.argpartition(-(zp[..., 0] - zp[..., 1]), k - 1, axis=1)[:, :k]
+                    dirty = np.zeros((m, M), bool); np.put_along_axis(dirty, top, True, axis=1)
             z[s:s + m] = zp
             pb, pm = np.nonzero(dirty)
             stats['pairs'] += m * M; stats['dirty'] += len(pb)

@@ -68,11 +68,16 @@ def _counter(graph, n_classes:int, strategy=None):
             kw = dict(synchronization=tf.VariableSynchronization.ON_READ, aggregation=tf.VariableAggregation.SUM) if strategy is not None else {}
             acc = [tf.Variable(tf.zeros((2 * n_classes, int(np.prod(s))), tf.int32), trainable=False, **kw) for s in graph.node_shapes]
         def add(xb, label, tangling):
-            seg_t = tf.where(tangling, label, -1)                    # negative segment ids are dropped
+            valid = label >= 0                                       # padding rows carry label -1
+            lab, tan = tf.boolean_mask(label, valid), tf.boolean_mask(tangling, valid)
             for a, v in zip(acc, forward(graph, xb, collect=True)):
-                on = tf.reshape(tf.cast(v > 0, tf.int32), [tf.shape(v)[0], -1])
-                a.assign_add(tf.concat([tf.math.unsorted_segment_sum(on, label, n_classes),
-                                        tf.math.unsorted_segment_sum(on, seg_t, n_classes)], 0))
+                on = tf.boolean_mask(tf.reshape(tf.cast(v > 0, tf.int32), [tf.shape(v)[0], -1]), valid)
+                if strategy is None:   # each input's activity into its class's row: O(batch × nodes), whatever the number of classes
+                    a.scatter_add(tf.IndexedSlices(on, lab))
+                    a.scatter_add(tf.IndexedSlices(tf.boolean_mask(on, tan), tf.boolean_mask(lab, tan) + n_classes))
+                else:                  # variables synchronised on read take no scatter: a dense per-class sum per replica batch
+                    a.assign_add(tf.concat([tf.math.unsorted_segment_sum(on, lab, n_classes),
+                                            tf.math.unsorted_segment_sum(on, tf.where(tan, lab, -1), n_classes)], 0))
         if strategy is None: step = tf.function(add, reduce_retracing=True)
         else:
             @tf.function(reduce_retracing=True)
