@@ -6,12 +6,16 @@
 from __future__ import annotations
 import argparse, os, sys, time
 from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
 
 import cnnmodules
 
 # %% auto #0
-__all__ = ['positive_int', 'non_negative_int', 'cache_dir', 'demo_name', 'demo_model', 'resolve_out', 'demo', 'quiet_tensorflow',
-           'parser', 'main']
+__all__ = ['positive_int', 'non_negative_int', 'SUBCOMMANDS', 'cache_dir', 'demo_name', 'demo_model', 'resolve_out', 'demo',
+           'quiet_tensorflow', 'split_spec', 'load_data', 'load_set', 'load_model', 'choose_model', 'experiments_dir',
+           'Subcommand', 'parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #498ada4e
 def cache_dir() -> Path:
@@ -134,13 +138,284 @@ def _int_at_least(lo:int, what:str):
 positive_int = _int_at_least(1, 'a positive integer')
 non_negative_int = _int_at_least(0, 'a non-negative integer')
 
-def parser() -> argparse.ArgumentParser:
-    "The `cnnmodules` argument parser (cheap: imports nothing heavy)."
-    p = _Parser(prog='cnnmodules', description='Decompose a trained CNN into per-class modules and compose them (Pan & Rajan, ICSE 2022).')
-    p.add_argument('--version', action='version', version=f'%(prog)s {cnnmodules.__version__}')
-    sub = p.add_subparsers(dest='cmd', required=True, parser_class=_Parser)
-    what = 'train (or load) a small CNN on the embedded digits, decompose it and compose the modules; no download'
-    d = sub.add_parser('demo', help=what, description=what[0].upper() + what[1:] + '.')
+# %% ../nbs/10_cli.ipynb #f13d0c51
+def split_spec(spec:str):
+    "`'digits:3,5'` → `('digits', [3, 5])`: a name or path, then optional classes (indices or names); a path that exists is taken whole."
+    spec = str(spec)
+    if ':' not in spec or Path(spec).expanduser().exists(): return spec, None
+    base, _, cls = spec.rpartition(':')
+    items = [c.strip() for c in cls.split(',')]
+    if not base or not all(items): raise ValueError(f'{spec!r}: expected NAME_OR_PATH or NAME_OR_PATH:CLASS[,CLASS...]')
+    return base, [int(c) if c.lstrip('-').isdigit() else c for c in items]
+
+def _spec(kind:str):
+    "An argparse `type` checking the form of a `NAME_OR_PATH[:classes]` argument (`kind` names what is expected)."
+    def parse(s):
+        try: return split_spec(s)
+        except ValueError as e: raise argparse.ArgumentTypeError(str(e).replace('NAME_OR_PATH', kind)) from None
+    return parse
+
+def _existing_file(what:str):
+    "An argparse `type`: a `PATH[:classes]` whose file exists (checked before any work)."
+    def parse(s):
+        path, cls = _spec(what)(s)
+        if not Path(path).expanduser().is_file(): raise argparse.ArgumentTypeError(f'no {what} file at {path}')
+        return Path(path).expanduser(), cls
+    return parse
+
+def _class_list(s:str) -> list:
+    "`'3,5'` or `'cat,dog'` → `[3, 5]` or `['cat', 'dog']`."
+    items = [c.strip() for c in s.split(',')]
+    if not all(items): raise argparse.ArgumentTypeError(f'expected classes separated by commas, such as 3,5; got {s!r}')
+    return [int(c) if c.lstrip('-').isdigit() else c for c in items]
+
+def _steps(s:str) -> tuple:
+    "`'ci,ti,mc,blc'` → the decomposition steps, checked against `decompose`'s names."
+    steps = tuple(c.strip() for c in s.split(','))
+    bad = [c for c in steps if c not in ('ci', 'ti', 'mc', 'blc', 'bi')]
+    if bad: raise argparse.ArgumentTypeError(f'unknown steps {bad}; known: ci, ti, mc, blc, bi (e.g. ci,ti,mc,blc)')
+    if 'mc' not in steps: raise argparse.ArgumentTypeError("steps must include mc (channeling gives a module its head)")
+    return steps
+
+def _depth(s:str) -> int:
+    "A ResNet v1 depth: 6n+2 (20, 32, 56, ...)."
+    v = _int_at_least(8, 'a ResNet depth 6n+2 such as 20, 32 or 56')(s)
+    if (v - 2) % 6: raise argparse.ArgumentTypeError(f'expected a ResNet depth 6n+2 such as 20, 32 or 56; got {v}')
+    return v
+
+def load_data(spec, progress:bool=False):
+    "The `Dataset` of a parsed `DATA[:classes]` (`split_spec`); with classes, only those (relabelled in the order given)."
+    from cnnmodules.data import load_dataset
+    name, cls = spec
+    d = load_dataset(name, progress=progress)
+    return d if cls is None else d.subset(cls)
+
+def load_set(spec):
+    "The `ModuleSet` of a parsed `SET.cnnm[:classes]`; classes are positions in the set or class names."
+    from cnnmodules.modules import ModuleSet
+    from cnnmodules.scenarios import positions
+    path, cls = spec
+    ms = ModuleSet.load(path)
+    return ms if cls is None else ms[positions(ms, cls)]
+
+def load_model(path):
+    "A Keras model from `path`; one `DecompositionError` when the file is not a readable model."
+    import keras
+    from cnnmodules.graph import DecompositionError
+    try: return keras.saving.load_model(path, compile=False)
+    except Exception as e: raise DecompositionError(f'{path} is not a readable Keras model ({type(e).__name__}: {str(e)[:200]})') from None
+
+# %% ../nbs/10_cli.ipynb #7a7d97b6
+def _out_arg(s:str) -> Path:
+    "An argparse `type` for `--out` of the scenario commands: a file that can be written (`resolve_out`), checked before any work."
+    if s.endswith(('/', os.sep)) or Path(s).expanduser().is_dir(): raise argparse.ArgumentTypeError(f'{s} is a folder; give a file name')
+    try: return resolve_out(s, 'unused')
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e).replace(f'--out {s}: ', '')) from None
+
+def choose_model(data, depth:int|None=None):
+    "The model `train` builds: `resnet_v1(depth)` when a depth is given; otherwise `small_cnn` for images under 32×32 and ResNet-20 from 32×32 up."
+    from cnnmodules.models import resnet_v1, small_cnn
+    if depth is None and max(data.input_shape[:2]) < 32: return small_cnn(data.num_classes, data.input_shape, name=f'{data.name}_small_cnn')
+    depth = depth or 20
+    return resnet_v1(depth, data.num_classes, data.input_shape, name=f'{data.name}_resnet{depth}')
+
+def _train_args(p):
+    p.add_argument('--data', type=_spec('DATA'), required=True, metavar='DATA[:classes]', help='a dataset name (digits, mnist, cifar10, ...) or path, optionally with classes')
+    p.add_argument('--depth', type=_depth, default=None, help='ResNet v1 depth (6n+2); default: small CNN below 32x32 pixels, ResNet-20 otherwise')
+    p.add_argument('--epochs', type=positive_int, required=True, help='total training epochs (a resumed run continues up to this number)')
+    p.add_argument('--out', type=_out_arg, required=True, metavar='MODEL.keras', help='where to save the trained model (written atomically)')
+    p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the split, shuffling, augmentation and initialisation (default 0)')
+    p.add_argument('--batch-size', type=positive_int, default=128, help='training batch size (default 128)')
+    p.add_argument('--checkpoint-dir', default=None, metavar='DIR', help='folder for the best checkpoint and a backup that resumes an interrupted run')
+    p.add_argument('--quiet', action='store_true', help='no Keras progress bar')
+
+def _train(a, p):
+    quiet_tensorflow()
+    import keras
+    from cnnmodules.models import train, evaluate, save_model_atomic
+    data = load_data(a.data, progress=not a.quiet)
+    keras.utils.set_random_seed(a.seed)
+    model = choose_model(data, a.depth)
+    print(f'{data}\nmodel: {model.name}, {model.count_params():,} parameters, {a.epochs} epochs')
+    train(model, data, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, checkpoint_dir=a.checkpoint_dir, verbose=0 if a.quiet else 'auto')
+    r = evaluate(model, data.x_test, data.y_test)
+    save_model_atomic(model, a.out)
+    print(f"test top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}\nmodel saved to {a.out}")
+
+def _decompose_args(p):
+    p.add_argument('model', type=_existing_file('Keras model'), metavar='MODEL.keras', help='a trained Keras classifier')
+    p.add_argument('--data', type=_spec('DATA'), required=True, metavar='DATA[:classes]',
+                   help='its training data (a dataset name or path); with classes, modules are built for those classes only')
+    p.add_argument('--out', type=_out_arg, required=True, metavar='SET.cnnm', help='where to save the module set')
+    p.add_argument('--n-concerned', type=positive_int, default=None, metavar='E', help='concerned inputs per module (default: min(1000, smallest class))')
+    p.add_argument('--steps', type=_steps, default=('ci', 'ti', 'mc', 'blc'), help='decomposition steps, comma-separated (default ci,ti,mc,blc; add bi for MC-BI)')
+    p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the input sampling (default 0)')
+
+def _decompose(a, p):
+    quiet_tensorflow()
+    from cnnmodules.decompose import decompose
+    from cnnmodules.data import _class_indices
+    from cnnmodules.graph import DecompositionError
+    model = load_model(a.model[0])
+    data = load_data((a.data[0], None))
+    if model.output_shape[-1] != data.num_classes:
+        raise DecompositionError(f'the model has {model.output_shape[-1]} outputs but {data.name} has {data.num_classes} classes')
+    classes = None if a.data[1] is None else _class_indices(data, a.data[1])
+    ms = decompose(model, data.x_train, data.y_train, n_concerned=a.n_concerned, steps=a.steps, classes=classes, seed=a.seed,
+                   class_names=data.class_names, dataset=data.name, progress=False)
+    ms.save(a.out)
+    p = ms[0].provenance
+    print(f"{len(ms)} modules of {model.name} ({'+'.join(a.steps)}, E={p['n_concerned']}), keeping {np.mean([m.kept_fraction() for m in ms]):.1%} of {p['nodes']:,} nodes on average, "
+          f"in {ms.timings['total']:.2f} s\nmodule set saved to {a.out}")
+
+def _evaluate_args(p):
+    p.add_argument('path', type=_existing_file('module set or Keras model'), metavar='SET.cnnm|MODEL.keras',
+                   help='a module set (SET.cnnm[:classes] picks modules) or a Keras model (.keras)')
+    p.add_argument('--data', type=_spec('DATA'), action='append', required=True, metavar='DATA[:classes]',
+                   help="test data; a set's modules are matched to classes by name, so give --data once per source dataset")
+    p.add_argument('--classes', type=_class_list, default=None, help='only these classes (set: positions or names; model: dataset classes)')
+    p.add_argument('--mode', choices=('exact', 'fused'), default='exact', help='composition mode for a module set (default exact)')
+    p.add_argument('--json', action='store_true', help='print one JSON object (top1, top5, n, ...) instead of text')
+
+def _evaluate(a, p):
+    quiet_tensorflow()
+    import json, zipfile
+    from cnnmodules.graph import DecompositionError
+    from cnnmodules.models import evaluate
+    path, sel = a.path
+    if sel is not None and a.classes is not None: raise DecompositionError('give the classes once: either PATH:classes or --classes')
+    sel = a.classes if sel is None else sel
+    is_set = path.suffix == '.cnnm'
+    if not is_set and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z: is_set = 'manifest.json' in z.namelist()
+    if is_set:
+        from cnnmodules.scenarios import module_dataset
+        ms = load_set((path, sel))
+        d = module_dataset(ms, *[load_data(s) for s in a.data])
+        r = ms.evaluate(d.x_test, d.y_test, mode=a.mode)
+        out = {'kind': 'modules', **r, 'classes': [str(c) for c in ms.class_names], 'parents': [p.name for p in ms.parents()]}
+    else:
+        from cnnmodules.data import _class_indices
+        if len(a.data) > 1: raise DecompositionError('a Keras model is evaluated on one dataset: give --data once')
+        model = load_model(path)
+        d = load_data((a.data[0][0], None))
+        if model.output_shape[-1] != d.num_classes:
+            raise DecompositionError(f'the model has {model.output_shape[-1]} outputs but {d.name} has {d.num_classes} classes')
+        sel = a.data[0][1] if sel is None else sel
+        cls = list(range(d.num_classes)) if sel is None else _class_indices(d, sel)
+        keep = np.isin(d.y_test, cls)
+        r = evaluate(model, d.x_test[keep], d.y_test[keep])
+        out = {'kind': 'model', **r, 'n': int(keep.sum()), 'classes': [d.class_names[c] for c in cls], 'model': model.name}
+    if a.json: print(json.dumps(out))
+    else: print(f"{out['kind']} on {out['n']} test images of {len(out['classes'])} classes: top-1 {out['top1']:.4f}  top-5 {out['top5']:.4f}")
+
+def _compose_args(p):
+    p.add_argument('sets', type=_existing_file('module set'), nargs='+', metavar='SET.cnnm[:classes]', help='module sets, each optionally with the classes to take (positions or names)')
+    p.add_argument('--out', type=_out_arg, required=True, metavar='NEW.cnnm', help='where to save the composed set')
+
+def _compose(a, p):
+    quiet_tensorflow()
+    from cnnmodules.modules import ModuleSet
+    parts = [load_set(s) for s in a.sets]
+    ms = ModuleSet([m for part in parts for m in part], name=' + '.join(filter(None, (p.name for p in parts))) or None)
+    ms.save(a.out)
+    print(f"{len(ms)} modules ({', '.join(map(str, ms.class_names))}) of {len(ms.parents())} parent(s)\nmodule set saved to {a.out}")
+
+def _replace_args(p):
+    p.add_argument('set', type=_existing_file('module set'), metavar='SET.cnnm', help='the module set to change')
+    p.add_argument('--class', dest='k', required=True, metavar='K', help='the module to replace: a position in the set or a class name')
+    p.add_argument('--with', dest='other', type=_existing_file('module set'), required=True, metavar="OTHER.cnnm[:K']",
+                   help="where the new module comes from; K' (position or name) defaults to the class named like K")
+    p.add_argument('--out', type=_out_arg, required=True, metavar='NEW.cnnm', help='where to save the new set')
+
+def _replace(a, p):
+    quiet_tensorflow()
+    from cnnmodules.scenarios import positions
+    from cnnmodules.graph import DecompositionError
+    ms, other = load_set((a.set[0], None)), load_set((a.other[0], None))
+    k = positions(ms, int(a.k) if a.k.lstrip('-').isdigit() else a.k)[0]
+    src = a.other[1] if a.other[1] is not None else [str(ms[k].class_name)]
+    if len(src) != 1: raise DecompositionError(f"--with: name one module of {a.other[0]}; got {src}")
+    new = ms.replace(k, other[positions(other, src)[0]])
+    new.save(a.out)
+    f = new[k].provenance['replaced_from']
+    print(f"position {k} ({ms[k].class_name}) now holds class {f['class_name']!r} of {f['parent_name']} ({f['dataset']})\nmodule set saved to {a.out}")
+
+def _update_args(p):
+    p.add_argument('set', type=_existing_file('module set'), metavar='SET.cnnm', help='the module set to update')
+    p.add_argument('--foreign', type=_spec('DATA'), action='append', required=True, metavar='DATA[:classes]',
+                   help="inputs of classes the modules never saw (their training images), e.g. mnist:5,6; may be repeated")
+    p.add_argument('--data', type=_spec('DATA'), action='append', default=None, metavar='DATA',
+                   help="the set's own training data, for the head re-fit (default: the dataset its modules record)")
+    p.add_argument('--method', choices=('head', 'tangling', 'both'), default='head', help='head: re-fit the 2-unit heads (default, measured better); tangling: keep the nodes foreign inputs activate; both')
+    p.add_argument('--per-class', type=positive_int, default=200, metavar='N', help='training images per class used, at most (default 200)')
+    p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the per-class sampling (default 0)')
+    p.add_argument('--out', type=_out_arg, required=True, metavar='NEW.cnnm', help='where to save the updated set')
+
+def _sample(d, n, seed):
+    "Up to `n` training images per class of dataset `d`, seeded."
+    from cnnmodules.data import sample_per_class
+    idx = np.concatenate([sample_per_class(None, d.y_train, min(n, int(c)), seed=seed, classes=[k]) for k, c in enumerate(d.class_counts())])
+    return d.x_train[idx], d.y_train[idx]
+
+def _update(a, p):
+    quiet_tensorflow()
+    from cnnmodules.scenarios import update, module_dataset
+    from cnnmodules.graph import DecompositionError
+    ms = load_set((a.set[0], None))
+    fx = np.concatenate([_sample(load_data(s), a.per_class, a.seed)[0] for s in a.foreign])
+    x = y = None
+    if a.method != 'tangling':
+        own = a.data or [(n, None) for n in dict.fromkeys(m.provenance.get('dataset') for m in ms)]
+        if any(n is None for n, _ in own): raise DecompositionError('the modules record no dataset: give their training data with --data')
+        d = module_dataset(ms, *[load_data(s) for s in own])
+        x, y = _sample(d, a.per_class, a.seed)
+    new = update(ms, fx, x, y, method=a.method)
+    new.save(a.out)
+    print(f'{len(new)} modules updated ({a.method}) with {len(fx)} foreign inputs\nmodule set saved to {a.out}')
+
+def experiments_dir() -> Path:
+    "The folder of the papermill experiments: `nbs/experiments` beside the package's source."
+    return Path(cnnmodules.__file__).resolve().parents[1] / 'nbs' / 'experiments'
+
+def _run_args(p):
+    p.add_argument('experiment', nargs='?', default=None, help='an experiment notebook in nbs/experiments, by name (without .ipynb); none: list them')
+    p.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'),
+                   help='set a parameter (a Python literal, else a string); may be repeated')
+    p.add_argument('--out', type=_out_arg, default=None, metavar='OUT.ipynb', help='the executed notebook (default: reports/<experiment>.ipynb)')
+
+def _literal(s:str):
+    "A parameter value: a Python literal (`3`, `0.5`, `[1, 2]`, `None`), else the string itself."
+    import ast
+    try: return ast.literal_eval(s)
+    except (ValueError, SyntaxError): return s
+
+def _run(a, p):
+    import papermill
+    d = experiments_dir()
+    if not d.is_dir(): p.error(f'no experiments folder at {d} (run from a clone of the repository)')
+    names = sorted(f.stem for f in d.glob('*.ipynb'))
+    if a.experiment is None:
+        for n in names:
+            ps = papermill.inspect_notebook(str(d / f'{n}.ipynb'))
+            print(f"{n}: " + ', '.join(f"{k}={v['default']}" for k, v in ps.items()))
+        return
+    if a.experiment not in names: p.error(f"argument experiment: unknown experiment {a.experiment!r}; known: {', '.join(names)}")
+    src = d / f'{a.experiment}.ipynb'
+    known = papermill.inspect_notebook(str(src))
+    params = {k: _literal(v) for k, v in a.parameter}
+    bad = [k for k in params if k not in known]
+    if bad: p.error(f"argument -p: {a.experiment} has no parameter {bad[0]!r}; its parameters: {', '.join(known)}")
+    out = a.out or (d.parents[1] / 'reports' / f'{a.experiment}.ipynb')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quiet_tensorflow()
+    from cnnmodules.data import atomic_path
+    with atomic_path(out, suffix='.ipynb') as tmp:
+        papermill.execute_notebook(str(src), str(tmp), parameters=params, cwd=str(d), progress_bar=False)
+    print(f'executed {a.experiment} -> {out}')
+
+# %% ../nbs/10_cli.ipynb #0a39f78b
+def _demo_args(d):
     d.add_argument('--epochs', type=positive_int, default=30, help='training epochs, at least 1 (default 30)')
     d.add_argument('--seed', type=non_negative_int, default=0, help='seed of training and sampling (default 0)')
     d.add_argument('--retrain', action='store_true', help='ignore a cached model')
@@ -149,30 +424,67 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument('--bi', action='store_true', help='also run MC-BI (backtrack to the input)')
     d.add_argument('--out', default=None, metavar='PATH',
                    help='file to save the module set to; a folder (existing, or ending with /) gets the default name (default: the cache folder)')
-    p.subcommands = {'demo': d}
+
+def _demo(a, d):
+    try: out = resolve_out(a.out, f'{demo_name(a.epochs, a.seed)}.cnnm')
+    except ValueError as e: d.error(str(e).replace('--out ', 'argument --out: ', 1))
+    from cnnmodules.data import load_dataset       # NumPy and scikit-learn only: still before TensorFlow
+    data = load_dataset('digits')
+    smallest = int(data.class_counts().min())
+    if a.n_concerned is not None and a.n_concerned > smallest:
+        d.error(f'argument --n-concerned: expected at most {smallest} (the smallest digits class); got {a.n_concerned}')
+    quiet_tensorflow()
+    demo(a.epochs, a.seed, a.retrain, a.n_concerned, ('ci', 'ti', 'mc', 'blc') + (('bi',) if a.bi else ()), out, data=data)
+
+class Subcommand(NamedTuple):
+    "One `cnnmodules` subcommand: what it does, an example, a function adding its arguments, and one running it (args, its parser)."
+    help: str
+    example: str
+    add_arguments: Callable
+    run: Callable
+
+SUBCOMMANDS = {
+    'demo': Subcommand('train (or load) a small CNN on the embedded digits, decompose it and compose the modules; no download',
+                       'cnnmodules demo --epochs 10', _demo_args, _demo),
+    'train': Subcommand('train a CNN on a dataset (small CNN below 32x32 pixels, ResNet v1 otherwise or with --depth)',
+                        'cnnmodules train --data digits --epochs 5 --out m.keras', _train_args, _train),
+    'decompose': Subcommand('decompose a trained Keras model into one module per class',
+                            'cnnmodules decompose m.keras --data digits --out m.cnnm', _decompose_args, _decompose),
+    'evaluate': Subcommand("score a module set (composed by voting) or a Keras model on a dataset's test images",
+                           'cnnmodules evaluate m.cnnm:3,5 --data digits --json', _evaluate_args, _evaluate),
+    'compose': Subcommand('put modules of one or more sets into a new set (reuse within or across datasets)',
+                          'cnnmodules compose a.cnnm:0,1 b.cnnm:7 --out new.cnnm', _compose_args, _compose),
+    'replace': Subcommand("replace one module of a set by another set's module",
+                          'cnnmodules replace weak.cnnm --class 3 --with strong.cnnm --out patched.cnnm', _replace_args, _replace),
+    'update': Subcommand("update modules with inputs of classes they never saw (head re-fit, or the paper's tangling re-identification)",
+                         'cnnmodules update lo.cnnm --foreign digits:5,6 --data digits:0,1,2,3,4 --out lo2.cnnm', _update_args, _update),
+    'run': Subcommand('run a papermill experiment notebook from nbs/experiments by name; without a name, list them',
+                      'cnnmodules run train_resnet -p epochs 2 -p depth 20', _run_args, _run),
+}
+
+def parser() -> argparse.ArgumentParser:
+    "The `cnnmodules` argument parser (cheap: imports nothing heavy), one subparser per entry of `SUBCOMMANDS`."
+    p = _Parser(prog='cnnmodules', description='Decompose a trained CNN into per-class modules and compose them (Pan & Rajan, ICSE 2022).')
+    p.add_argument('--version', action='version', version=f'%(prog)s {cnnmodules.__version__}')
+    sub = p.add_subparsers(dest='cmd', required=True, parser_class=_Parser)
+    p.subcommands = {}
+    for name, c in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=c.help, description=c.help[0].upper() + c.help[1:] + '.', epilog=f'example:\n  {c.example}',
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_arguments(sp)
+        p.subcommands[name] = sp
     return p
 
 def main(argv=None):
-    "Entry point of the `cnnmodules` command: bad arguments exit 2 with one line, before any work."
+    "Entry point of the `cnnmodules` command: bad arguments exit 2 with one line, before any work; bad input found while working exits 1 with one line."
     p = parser()
     a = p.parse_args(argv)
-    if a.cmd == 'demo':
-        d = p.subcommands['demo']
-        try: out = resolve_out(a.out, f'{demo_name(a.epochs, a.seed)}.cnnm')
-        except ValueError as e: d.error(str(e).replace('--out ', 'argument --out: ', 1))
-        from cnnmodules.data import load_dataset       # NumPy and scikit-learn only: still before TensorFlow
-        data = load_dataset('digits')
-        smallest = int(data.class_counts().min())
-        if a.n_concerned is not None and a.n_concerned > smallest:
-            d.error(f'argument --n-concerned: expected at most {smallest} (the smallest digits class); got {a.n_concerned}')
-        quiet_tensorflow()
-        try:
-            demo(a.epochs, a.seed, a.retrain, a.n_concerned, ('ci', 'ti', 'mc', 'blc') + (('bi',) if a.bi else ()), out, data=data)
-        except KeyboardInterrupt:
-            print('cnnmodules: interrupted', file=sys.stderr); raise SystemExit(130)
-        except Exception as e:
-            from cnnmodules.graph import DecompositionError
-            from cnnmodules.data import DatasetError
-            if not isinstance(e, (DecompositionError, DatasetError)): raise
-            print(f'cnnmodules: error: {e}', file=sys.stderr); raise SystemExit(1)
+    try: SUBCOMMANDS[a.cmd].run(a, p.subcommands[a.cmd])
+    except KeyboardInterrupt:
+        print('cnnmodules: interrupted', file=sys.stderr); raise SystemExit(130)
+    except Exception as e:
+        from cnnmodules.graph import DecompositionError
+        from cnnmodules.data import DatasetError
+        if not isinstance(e, (DecompositionError, DatasetError)): raise
+        print(f'cnnmodules: error: {e}', file=sys.stderr); raise SystemExit(1)
     return 0
