@@ -223,11 +223,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     "Run the benchmark from parsed `cnnmodules bench` arguments; write the files asked for."
-    from cnnmodules.data import atomic_path
-    if (args.model is None) != (args.data is None): raise SystemExit('cnnmodules bench: error: --model and --data go together')
-    if args.repeats < 1: raise SystemExit(f'cnnmodules bench: error: --repeats must be at least 1; got {args.repeats}')
-    for f in (args.json, args.markdown):
-        if f is not None and Path(f).is_dir(): raise SystemExit(f'cnnmodules bench: error: {f} is a folder; give a file name')
+    from cnnmodules.data import atomic_path          # the arguments were checked by the command line (cnnmodules.cli)
     res = bench(quick=args.quick, repeats=args.repeats, model=args.model, data=args.data, distributed=not args.no_distributed)
     table = markdown(res)
     print(table)

@@ -34,7 +34,8 @@ def demo_model(epochs:int=30, seed:int=0, retrain:bool=False, verbose=0, data=No
     from cnnmodules.data import load_dataset
     from cnnmodules.models import small_cnn, train, save_model_atomic
     data = load_dataset('digits') if data is None else data
-    path = cache_dir() / 'models' / f'{demo_name(epochs, seed)}.keras'
+    # models-2: since 0.2 the demo CNN starts with Rescaling(1/255) and takes uint8 pixels; a model cached by 0.1 did not
+    path = cache_dir() / 'models-2' / f'{demo_name(epochs, seed)}.keras'
     if path.exists() and not retrain:
         try: return data, keras.saving.load_model(path), path, True
         except Exception as e: print(f'cached model {path} unreadable ({e}); retraining', file=sys.stderr)
@@ -436,6 +437,19 @@ def _demo(a, d):
     quiet_tensorflow()
     demo(a.epochs, a.seed, a.retrain, a.n_concerned, ('ci', 'ti', 'mc', 'blc') + (('bi',) if a.bi else ()), out, data=data)
 
+def _bench_args(p):
+    from cnnmodules.bench import add_arguments      # NumPy only: the parser stays cheap
+    add_arguments(p)
+
+def _bench(a, p):
+    if (a.model is None) != (a.data is None): p.error('--model and --data go together')
+    if a.repeats < 1: p.error(f'argument --repeats: expected at least 1; got {a.repeats}')
+    for f in (a.json, a.markdown):
+        if f is not None and Path(f).is_dir(): p.error(f'{f} is a folder; give a file name')
+    quiet_tensorflow()
+    from cnnmodules.bench import run
+    return run(a)
+
 class Subcommand(NamedTuple):
     "One `cnnmodules` subcommand: what it does, an example, a function adding its arguments, and one running it (args, its parser)."
     help: str
@@ -458,6 +472,8 @@ SUBCOMMANDS = {
                           'cnnmodules replace weak.cnnm --class 3 --with strong.cnnm --out patched.cnnm', _replace_args, _replace),
     'update': Subcommand("update modules with inputs of classes they never saw (head re-fit, or the paper's tangling re-identification)",
                          'cnnmodules update lo.cnnm --foreign digits:5,6 --data digits:0,1,2,3,4 --out lo2.cnnm', _update_args, _update),
+    'bench': Subcommand('measure decomposition, composition, file sizes, memory and the distributed path as ratios in one run',
+                        'cnnmodules bench --quick --json bench.json', _bench_args, _bench),
     'run': Subcommand('run a papermill experiment notebook from nbs/experiments by name; without a name, list them',
                       'cnnmodules run train_resnet -p epochs 2 -p depth 20', _run_args, _run),
 }
