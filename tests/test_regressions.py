@@ -39,3 +39,32 @@ def test_jaccard_dense_after_flatten_of_conv():
     mod = Module(0, '0', masks, hk[0], hb[0], np.ones(3, bool), m)
     total = (3 * 3 * 1 * 2 + 2) + (8 * 3 + 3)
     assert jaccard_positional(mod) == 3 / total   # only the hidden layer's biases remain
+
+
+def _seq_and_functional():
+    keras.utils.set_random_seed(0)
+    seq = keras.Sequential([keras.Input((8, 8, 1)), layers.Rescaling(1 / 255), layers.Conv2D(4, 3, activation='relu'),
+                            layers.Conv2D(4, 3), layers.ReLU(), layers.Flatten(), layers.Dense(3, activation='softmax')])
+    inp = keras.Input((8, 8, 1))
+    h = layers.Conv2D(4, 3, padding='same', activation='relu')(layers.Rescaling(1 / 255)(inp))
+    h = layers.ReLU()(layers.Add()([h, layers.Conv2D(4, 3, padding='same')(h)]))
+    fun = keras.Model(inp, layers.Dense(3, activation='softmax')(layers.Flatten()(h)))
+    return {'sequential': seq, 'functional': fun}
+
+
+def test_saved_model_decomposes_and_round_trips(tmp_path):
+    "A model read back from .keras (a Sequential records extra layer calls then) decomposes; its module set saves and loads with the same scores (issue 6, 1c)."
+    from cnnmodules.decompose import decompose
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 8, 8, 1)).astype('uint8'); y = np.arange(60) % 3
+    for kind, m in _seq_and_functional().items():
+        m.save(tmp_path / f'{kind}.keras')
+        back = keras.saving.load_model(tmp_path / f'{kind}.keras')
+        ms = decompose(back, x, y, n_concerned=10, progress=False)
+        again = ModuleSet.load(ms.save(tmp_path / f'{kind}.cnnm'))
+        ms2 = decompose(again.parents()[0], x, y, n_concerned=10, progress=False)
+        final = ModuleSet.load(ms2.save(tmp_path / f'{kind}2.cnnm'))
+        for a, b in zip(ms.predict(x), final.predict(x)): np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        for u, v in zip(ms, final):
+            for p, q in zip(u.masks, v.masks): np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(np.asarray(back(x)).argmax(1), np.asarray(m(x)).argmax(1))
