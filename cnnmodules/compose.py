@@ -14,7 +14,7 @@ from .jaccard import jaccard as jaccard_index
 if TYPE_CHECKING: from cnnmodules.modules import ModuleSet   # annotations only: `modules` imports this module
 
 # %% auto #0
-__all__ = ['MODES', 'vote', 'vote_margin', 'module_logits', 'module_scores', 'evaluate_modules']
+__all__ = ['MODES', 'DIRTY_SWITCH', 'vote', 'vote_margin', 'module_logits', 'module_scores', 'evaluate_modules']
 
 # %% ../nbs/08_compose.ipynb #f51d2a50
 def vote(pc:np.ndarray, # (n, M) p_concerned
@@ -76,6 +76,8 @@ def _score_fn(g, kind):
         cache[kind] = f
     return cache[kind]
 
+DIRTY_SWITCH = 0.4   # above this share of dirty pairs, re-running them one row each costs more than the stacked 'full' pass
+
 def _group_logits(mods, x, mode, batch_size, budget, k, stats, bar):
     "(n, M, 2) logits of the modules `mods` (one parent, one node rule) for inputs `x`."
     import tensorflow as tf
@@ -86,7 +88,9 @@ def _group_logits(mods, x, mode, batch_size, budget, k, stats, bar):
     hb = tf.constant(np.stack([m.head_bias for m in mods]), dt)                           # (M, 2)
     masks = [tf.constant(np.stack([m.masks[j] for m in mods])) for j in range(len(g.node_ops))] if mode != 'fused' else []
     z = np.zeros((n, M, 2), 'float64')
-    bs = min(n, batch_size if mode != 'full' else max(1, min(batch_size, budget // M)))
+    bs_full = max(1, min(batch_size, budget // M))            # inputs per stacked call: M × inputs stays bounded
+    bs = min(n, batch_size if mode != 'full' else bs_full)
+    stacked = False
     rows = max(1, min(budget, 4 * bs))            # (input, module) pairs per masked call
     if mode == 'exact':
         removed = [tf.constant(np.stack([~m.masks[j].reshape(-1) for m in mods]).astype('float32')) for j in range(len(g.node_ops))]
@@ -94,12 +98,17 @@ def _group_logits(mods, x, mode, batch_size, budget, k, stats, bar):
         xb = model_input(x[s:s + bs], dt); m = len(xb)
         if m < bs: xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)])  # one trace for all batches
         xb = tf.constant(xb)
-        if mode == 'full': z[s:s + m] = _score_fn(g, 'full')(xb, masks, hk, hb).numpy()[:m]
+        if mode == 'full' or stacked:
+            z[s:s + m] = _full_in_chunks(g, xb[:m], masks, hk, hb, bs_full)
+            if stacked: stats['pairs'] += m * M; stats['dirty'] += m * M
         elif mode == 'fused': z[s:s + m] = _score_fn(g, 'fused')(xb, masks, hk, hb).numpy()[:m]
         else:
             if mode == 'exact':
                 zp, dirty = _score_fn(g, 'probe')(xb, removed, hk, hb)
                 zp, dirty = zp.numpy()[:m], dirty.numpy()[:m]
+                if dirty.mean() > DIRTY_SWITCH:   # most pairs need the masked pass: stack them all (same logits), and stop probing
+                    stacked = True; stats['pairs'] += m * M; stats['dirty'] += m * M
+                    z[s:s + m] = _full_in_chunks(g, xb[:m], masks, hk, hb, bs_full); bar.update(m); continue
             else:                                  # candidates: the parent's pass ranks; the top k are re-run masked
                 zp = _score_fn(g, 'fused')(xb, [], hk, hb).numpy()[:m]
                 dirty = np.ones((m, M), bool)
@@ -117,6 +126,16 @@ def _group_logits(mods, x, mode, batch_size, budget, k, stats, bar):
                 z[s + b_, m_] = out[:len(b_)]
         bar.update(m)
     return z
+
+def _full_in_chunks(g, xb, masks, hk, hb, bs_full):
+    "The stacked 'full' logits of the inputs `xb`, `bs_full` at a time (the last chunk padded: one trace)."
+    import tensorflow as tf
+    out = []
+    for s in range(0, len(xb), bs_full):
+        c = xb[s:s + bs_full]; m = int(c.shape[0])
+        if m < bs_full: c = tf.concat([c, tf.zeros((bs_full - m,) + tuple(c.shape[1:]), c.dtype)], 0)
+        out.append(_score_fn(g, 'full')(c, masks, hk, hb).numpy()[:m])
+    return np.concatenate(out)
 
 def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False,
                   k:int=10, stats:dict|None=None) -> np.ndarray:
