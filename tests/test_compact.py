@@ -239,8 +239,8 @@ def test_learned_masks_train_masks_only():
     x, y = make_data(spec, 20, dtype='float32')
     before = [w.copy() for w in m.get_weights()]
     base = decompose(m, x, y, n_concerned=12, progress=False)
-    small = decompose(m, x, y, n_concerned=12, mask_sparsity=0.0, mask_steps=40, mask_batch=8, progress=False)
-    tiny = decompose(m, x, y, n_concerned=12, mask_sparsity=20.0, mask_steps=40, mask_batch=8, progress=False)
+    small = decompose(m, x, y, n_concerned=12, mask_sparsity=0.0, mask_steps=150, mask_batch=8, progress=False)
+    tiny = decompose(m, x, y, n_concerned=12, mask_sparsity=20.0, mask_steps=150, mask_batch=8, progress=False)
     for a, b in zip(before, m.get_weights()): np.testing.assert_array_equal(a, b)   # the weights are frozen
     g = graph_of(m)
     sp = channel_spaces(g)
@@ -253,7 +253,7 @@ def test_learned_masks_train_masks_only():
                 on = k.reshape(-1, op.shape[-1]).any(0)
                 chans.setdefault(sp[op.idx], on)
                 if sp[op.idx] != sp[0]: np.testing.assert_array_equal(on, chans[sp[op.idx]])   # a whole stream channel
-            assert mod.provenance['learned_masks']["steps"] == 40
+            assert mod.provenance['learned_masks']["steps"] == 150
     f_small = np.mean([mod.size()['flops'] for mod in small]); f_tiny = np.mean([mod.size()['flops'] for mod in tiny])
     assert f_tiny < f_small, (f_tiny, f_small)
     assert tiny[0].provenance['learned_masks']['sparsity'] == 20.0 and base[0].provenance['learned_masks'] is None
