@@ -135,16 +135,26 @@ def activation_counts(graph:LayerGraph, x:np.ndarray, sample:Sample, batch_size:
     return ActivationCounts(conc, tang, sample)
 
 # %% ../nbs/03_concern.ipynb #62961833
-def kept_nodes(counts:ActivationCounts, steps=('ci', 'ti')) -> list:
+def _check_rate(min_rate):
+    if isinstance(min_rate, (bool, np.bool_)) or not isinstance(min_rate, (int, float, np.integer, np.floating)) or not 0 <= min_rate <= 1:
+        raise DecompositionError(f'min_rate must be a number in [0, 1] (0 is the paper\'s rule: any activation keeps a node); got {min_rate!r}')
+    return float(min_rate)
+
+def kept_nodes(counts:ActivationCounts,
+               steps=('ci', 'ti'),
+               min_rate:float=0.0,   # keep a node when at least this share of the concerned (or, with TI, of the tangling) inputs activate it; 0 = any
+              ) -> list:
     "Per node layer, a bool (n_modules, *shape) array: the nodes each module keeps after CI (and TI)."
+    min_rate = _check_rate(min_rate)
     cls = counts.sample.classes
+    E, k, N = counts.sample.n_concerned, counts.sample.n_tangling, len(counts.concerned[0]) if counts.concerned else 0
     out = []
     for c_cnt, t_cnt in zip(counts.concerned, counts.tangling):
         if 'ci' not in steps: out.append(np.ones((len(cls),) + c_cnt.shape[1:], bool)); continue
-        keep = c_cnt[cls] > 0
-        if 'ti' in steps:
-            t = t_cnt > 0
-            others = t.sum(0, dtype=np.int64)[None] - t[cls]
-            keep |= others > 0
+        c = c_cnt[cls]
+        keep = (c > 0) & (c >= min_rate * E)
+        if 'ti' in steps:   # the tangling inputs of the *other* classes: all tangling activity minus class c's own
+            t = t_cnt.sum(0, dtype=np.int64)[None] - t_cnt[cls]
+            keep |= (t > 0) & (t >= min_rate * k * (N - 1))
         out.append(keep)
     return out

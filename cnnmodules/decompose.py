@@ -13,6 +13,7 @@ from .graph import DecompositionError, model_hash, graph_of
 from .concern import sample_inputs, activation_counts, kept_nodes
 from .modularize import modularize
 from .modules import Module, ModuleSet
+from .compact import check_compact_args, channel_kept, learn_channel_masks, refit_heads
 
 # %% auto #0
 __all__ = ['STEPS', 'check_decompose_args', 'decompose', 'timed', 'decompose_vs_predict']
@@ -120,12 +121,19 @@ def decompose(model,                       # a trained Keras classifier (functio
               batch_size:int=256,
               progress:bool=True,
               strategy=None,               # a tf.distribute strategy for the statistics pass (None: the default device)
+              min_rate:float=0.0,          # keep a node (channel) when at least this share of the concerned (TI: tangling) inputs activate it; 0 = the paper's rule
+              granularity:str='node',      # 'node': the paper's per-node masks; 'channel': whole channels, tied through Add (`12_compact`)
+              refit_head:bool=False,       # re-fit each 2-unit head by logistic regression on its concerned vs tangling inputs
+              mask_sparsity:float|None=None, # learn channel masks (weights frozen) with this FLOPs weight; None: no learned masks
+              mask_steps:int=200,          # gradient steps of the learned masks
+              mask_batch:int=32,           # inputs per step of the learned masks
              ) -> ModuleSet:
     "Decompose `model` into one module per class (a `ModuleSet`, position i = class `classes[i]`)."
     t0 = time.perf_counter()
     g = graph_of(model, linear_nodes)
     N = g.num_classes
     check_decompose_args(g, x, y, n_concerned, classes, delta, steps, seed=seed, batch_size=batch_size, class_names=class_names)
+    check_compact_args(min_rate, granularity, refit_head, mask_sparsity, mask_steps, mask_batch)
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     names = list(class_names) if class_names is not None else [str(i) for i in range(N)]
     cls = list(range(N)) if classes is None else [int(c) for c in classes]
@@ -137,8 +145,13 @@ def decompose(model,                       # a trained Keras classifier (functio
     t1 = time.perf_counter()
     counts = activation_counts(g, x, s, batch_size=batch_size, progress=progress, strategy=strategy)
     t2 = time.perf_counter()
-    keep = kept_nodes(counts, steps)
+    keep = kept_nodes(counts, steps, min_rate) if granularity == 'node' else channel_kept(counts, g, steps, min_rate)
     keep, hk, hb, hkeep, removed = modularize(g, keep, cls, steps, delta, copy=False)
+    learned = None
+    if mask_sparsity is not None:
+        before = int(sum(k.sum() for k in keep))
+        keep, learned = learn_channel_masks(g, x, s, keep, hk, hb, hkeep, mask_sparsity, mask_steps, mask_batch, seed=seed, progress=progress)
+        removed['learned_masks'] = before - int(sum(k.sum() for k in keep))
     t3 = time.perf_counter()
     total = g.n_nodes()
     kept_ci = _kept_after_ci(counts) if 'ci' in steps else [total] * len(cls)
@@ -148,11 +161,14 @@ def decompose(model,                       # a trained Keras classifier (functio
         prov = {'parent_hash': phash, 'parent_name': model.name, 'dataset': dataset, 'class_index': c,
                 'n_concerned': s.n_concerned, 'n_concerned_auto': auto_e, 'n_tangling': s.n_tangling,
                 'steps': list(steps), 'delta': delta, 'linear_nodes': linear_nodes, 'seed': seed, 'cnnmodules': cnnmodules.__version__,
+                'min_rate': float(min_rate), 'granularity': granularity, 'learned_masks': learned, 'refit_head': bool(refit_head),
                 'nodes': total,
                 'kept_ci': kept_ci[i],
                 'kept': int(sum(k[i].sum() for k in keep)), 'head_inputs_removed': int((~hkeep[i]).sum())}
         mods.append(Module(c, names[c], [k[i] for k in keep], hk[i], hb[i], hkeep[i], model, prov))
     ms = ModuleSet(mods, name=f'{model.name} on {dataset}' if dataset else model.name)
+    if refit_head:
+        ms = refit_heads(ms, x, y, batch_size=batch_size)
     ms.removed = removed
     ms.timings = {'sampling': t1 - t0, 'concern_identification': t2 - t1, 'modularization': t3 - t2,
                   'total': time.perf_counter() - t0, 'inputs_observed': int(len(s.index))}

@@ -44,3 +44,20 @@ def test_rq1_decomposition(tmp_path):
     assert control['top1'] == m['model']['top1']    # the all-kept control composes to the model exactly
     assert m['speed']['literal_equals_batched'] is True
     for f in ('table1.md', 'steps_ablation.csv', 'delta_ablation.png', 'kept_per_layer.png'): assert (tmp_path / 'rq1' / f).exists()
+
+@needs_data
+def test_compact_modules(tmp_path):
+    model = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
+    if not model.exists(): pytest.skip(f'no trained parent at {model}')
+    run('compact_modules.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'compact'),
+        n_concerned=20, test_per_class=10, node_rates=[0.0, 0.2], channel_rates=[0.0, 0.4], sparsities=[2.0], mask_steps=3, mask_batch=4)
+    m = json.loads((tmp_path / 'compact' / 'metrics.json').read_text())
+    rows = {(r['variant'], r['value'], r['head']): r for r in m['rows']}
+    assert len(rows) == 10 and m['scale']['n_concerned'] == 20 and m['scale']['test_images'] == 100
+    # the paper's rule keeps every channel: all hidden FLOPs (only the 2-unit head is narrower than the 10-unit one)
+    assert rows['node', 0.0, 'channeled']['flops_pct'] > 99.9
+    # a higher min_rate never makes channel-granular modules larger
+    assert rows['channel', 0.4, 'channeled']['flops_pct'] <= rows['channel', 0.0, 'channeled']['flops_pct']
+    assert m['slim_export']['slim_params'] == m['slim_export']['size']['params']
+    assert m['slim_export']['max_abs_diff_p_concerned_200_test_images_float32'] < 1e-4
+    for f in ('frontier.png', 'frontier.csv', 'frontier.md'): assert (tmp_path / 'compact' / f).exists()
