@@ -10,7 +10,7 @@ import keras
 from keras import layers
 from hypothesis import given, strategies as st
 
-from cnn_strategies import cnn_specs, build, props
+from cnn_strategies import cnn_specs, build, props, randomize as _randomize
 
 from cnnmodules.graph import LayerGraph
 from cnnmodules.concern import sample_inputs, activation_counts, kept_nodes
@@ -21,17 +21,8 @@ F64 = dict(dtype='float64')
 
 
 def randomize(model, seed=0, bias=(-0.15, 0.1)):
-    "Small random biases (mean bias[0], sd bias[1]) and random BatchNormalization statistics."
-    rng = np.random.default_rng(seed)
-    for l in model.layers:
-        if isinstance(l, layers.BatchNormalization):
-            C = l.moving_mean.shape[0]
-            w = ([rng.uniform(0.5, 1.5, C)] if l.scale else []) + ([rng.normal(0, 0.1, C)] if l.center else [])
-            l.set_weights(w + [rng.normal(0, 0.2, C), rng.uniform(0.5, 1.5, C)])
-        elif getattr(l, 'use_bias', False) and l.get_weights():
-            W, B = l.get_weights()
-            l.set_weights([W, rng.normal(bias[0], bias[1], B.shape)])
-    return model
+    "Small random biases (mean bias[0], sd bias[1]) and random BatchNormalization statistics (the shared helper, these biases)."
+    return _randomize(model, seed, bias, head=None)
 
 
 def make_data(shape, n_classes, per_class, seed=0, border=1):
