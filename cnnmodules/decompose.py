@@ -103,10 +103,10 @@ def check_decompose_args(graph,                 # the model's `LayerGraph` (from
                 raise DecompositionError(f'x has {n_bad} inputs with NaN or infinite values, the first at index {i + int(np.flatnonzero(bad)[0])}')
 
 # %% ../nbs/09_decompose.ipynb #f88a9fa5
-def _kept_after_ci(counts) -> list:
-    "Nodes each module keeps after CI alone, one layer at a time (no second copy of the masks)."
-    cls = counts.sample.classes
-    return [int(v) for v in sum((c[cls] > 0).reshape(len(cls), -1).sum(1, dtype=np.int64) for c in counts.concerned)]
+def _kept_after_ci(counts, min_rate:float=0.0) -> list:
+    "Nodes each module keeps after CI alone (node rule, `min_rate` as in `kept_nodes`), one layer at a time (no second copy of the masks)."
+    cls, E = counts.sample.classes, counts.sample.n_concerned
+    return [int(v) for v in sum(((c[cls] > 0) & (c[cls] >= min_rate * E)).reshape(len(cls), -1).sum(1, dtype=np.int64) for c in counts.concerned)]
 
 def decompose(model,                       # a trained Keras classifier (functional or Sequential)
               x, y,                        # training inputs and integer labels
@@ -154,7 +154,7 @@ def decompose(model,                       # a trained Keras classifier (functio
         removed['learned_masks'] = before - int(sum(k.sum() for k in keep))
     t3 = time.perf_counter()
     total = g.n_nodes()
-    kept_ci = _kept_after_ci(counts) if 'ci' in steps else [total] * len(cls)
+    kept_ci = _kept_after_ci(counts, min_rate) if 'ci' in steps else [total] * len(cls)
     phash = model_hash(model)
     mods = []
     for i, c in enumerate(cls):

@@ -68,3 +68,15 @@ def test_saved_model_decomposes_and_round_trips(tmp_path):
         for u, v in zip(ms, final):
             for p, q in zip(u.masks, v.masks): np.testing.assert_array_equal(p, q)
         np.testing.assert_array_equal(np.asarray(back(x)).argmax(1), np.asarray(m(x)).argmax(1))
+
+
+def test_kept_ci_follows_min_rate():
+    "The provenance's CI-only node count is the CI-only decomposition's own count at the same min_rate (it ignored min_rate)."
+    from cnnmodules.decompose import decompose
+    m = _seq_and_functional()['functional']
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (90, 8, 8, 1)).astype('uint8'); y = np.arange(90) % 3
+    for rate in (0.0, 0.3):
+        full = decompose(m, x, y, n_concerned=20, min_rate=rate, steps=('ci', 'ti', 'mc'), progress=False)
+        ci = decompose(m, x, y, n_concerned=20, min_rate=rate, steps=('ci', 'mc'), progress=False)
+        assert [u.provenance['kept_ci'] for u in full] == [int(sum(k.sum() for k in v.masks)) for v in ci]
