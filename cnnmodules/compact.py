@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .graph import LayerGraph, DecompositionError, forward, graph_of, model_input
 from .concern import ActivationCounts, sample_inputs, _check_rate
 from .modularize import live_elements
-from .modules import Module, ModuleSet, _mask_form, _unpack_bits, _apply_mask, _named
+from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing
 
 # %% auto #0
 __all__ = ['GRANULARITIES', 'channel_spaces', 'channel_kept', 'slim_channels', 'parent_size', 'slim_keras', 'head_features',
@@ -153,16 +153,7 @@ def slim_keras(module:Module) -> keras.Model:
     keep[0] = np.ones(g.ops[0].shape[-1], bool)
     inp = keras.Input(shape=g.input_shape, dtype=module.parent.inputs[0].dtype, name='input')
     taken = {op.name for op in g.ops} | {'module_head'}
-    forms, words = {}, []
-    for op, m in zip(g.node_ops, module.masks):
-        f, c = _mask_form(np.asarray(m)[..., keep[op.idx]])
-        if f == 'bits': forms[op.idx] = f, 64 * sum(map(len, words)); words.append(c)
-        else: forms[op.idx] = f, c
-    flat = _unpack_bits(inp, np.concatenate(words), taken) if words else None
-    floats = {}
-    def bits(dtype):
-        if dtype not in floats: floats[dtype] = _named(keras.ops.cast(flat, dtype), f'mask_bits_{dtype}', taken)
-        return floats[dtype]
+    forms, bits = _mask_plumbing(g, [np.asarray(m)[..., keep[op.idx]] for op, m in zip(g.node_ops, module.masks)], inp, taken)
     vals = {0: inp}
     for op in g.ops[1:-1]:
         xs = [vals[i] for i in op.inputs]

@@ -86,6 +86,20 @@ def _apply_mask(x,              # symbolic node tensor (batch, *shape)
 
 
 # %% ../nbs/06_modules.ipynb #25a74add
+def _mask_plumbing(g, masks, inp, taken):
+    "Each node layer's mask form (op index -> form) and `bits(dtype)`: the bit-packed masks, unpacked once inside the model from input `inp`."
+    forms, words = {}, []
+    for op, m in zip(g.node_ops, masks):
+        f, c = _mask_form(m)
+        if f == 'bits': forms[op.idx] = f, 64 * sum(map(len, words)); words.append(c)
+        else: forms[op.idx] = f, c
+    flat = _unpack_bits(inp, np.concatenate(words), taken) if words else None
+    floats = {}
+    def bits(dtype):
+        if dtype not in floats: floats[dtype] = _named(keras.ops.cast(flat, dtype), f'mask_bits_{dtype}', taken)
+        return floats[dtype]
+    return forms, bits
+
 @dataclass(eq=False)
 class Module:
     "A binary classifier for one class: the parent's network with removed nodes masked, and a 2-unit head."
@@ -117,16 +131,7 @@ class Module:
         g = self.graph
         inp = keras.Input(shape=g.input_shape, dtype=self.parent.inputs[0].dtype, name='input')
         taken = {op.name for op in g.ops} | {'module_head'}
-        forms, words = {}, []
-        for op, m in zip(g.node_ops, self.masks):
-            f, c = _mask_form(m)
-            if f == 'bits': forms[op.idx] = f, 64 * sum(map(len, words)); words.append(c)
-            else: forms[op.idx] = f, c
-        flat = _unpack_bits(inp, np.concatenate(words), taken) if words else None
-        floats = {}
-        def bits(dtype):
-            if dtype not in floats: floats[dtype] = _named(keras.ops.cast(flat, dtype), f'mask_bits_{dtype}', taken)
-            return floats[dtype]
+        forms, bits = _mask_plumbing(g, self.masks, inp, taken)
         vals = {0: inp}
         for op in g.ops[1:-1]:
             xs = [vals[i] for i in op.inputs]

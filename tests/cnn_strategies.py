@@ -113,3 +113,16 @@ def build(spec, dtype='float64'):
     if spec['dense']: x = layers.Dropout(0.1, **D)(layers.Dense(spec['dense'], activation='relu', **D)(x))
     m = keras.Model(inp, layers.Dense(spec['N'], activation='softmax', name='head', **D)(x))
     return randomize(m, spec['seed'], spec.get('bias', (-0.1, 0.15)))
+
+
+def make_data(spec, per_class, dtype='float64'):
+    "Random normal inputs, `per_class` of each class in shuffled order; class c blanks its own band of rows."
+    rng = np.random.default_rng(spec['seed'] + 1)
+    H = spec['shape'][0]
+    N = spec['N']
+    y = rng.permutation(np.repeat(np.arange(N), per_class))
+    x = rng.normal(size=(len(y),) + tuple(spec['shape']))
+    for c in range(N):
+        r0 = (c * H) // N
+        x[np.ix_(y == c, np.arange(r0, min(H, r0 + max(1, H // 3))))] = 0
+    return x.astype(dtype), y

@@ -24,7 +24,7 @@ import keras
 from keras import layers
 from hypothesis import given, strategies as st
 
-from cnn_strategies import cnn_specs, build, props
+from cnn_strategies import cnn_specs, build, props, make_data
 
 from cnnmodules.graph import graph_of, DecompositionError
 from cnnmodules.concern import sample_inputs
@@ -35,18 +35,6 @@ from cnnmodules.reference import reference_kept
 from cnnmodules.compact import channel_spaces, slim_channels, parent_size, refit_heads
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
-
-
-def make_data(spec, per_class, dtype='float64'):
-    "Random normal inputs, `per_class` of each class; class c blanks its own band of rows (so classes differ)."
-    rng = np.random.default_rng(spec['seed'] + 1)
-    H, N = spec['shape'][0], spec['N']
-    y = rng.permutation(np.repeat(np.arange(N), per_class))
-    x = rng.normal(size=(len(y),) + tuple(spec['shape']))
-    for c in range(N):
-        r0 = (c * H) // N
-        x[np.ix_(y == c, np.arange(r0, min(H, r0 + max(1, H // 3))))] = 0
-    return x.astype(dtype), y
 
 
 def node_values(model, x):

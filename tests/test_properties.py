@@ -26,7 +26,7 @@ import tensorflow as tf
 from keras import layers
 from hypothesis import given, assume, event, strategies as st
 
-from cnn_strategies import cnn_specs, build, props
+from cnn_strategies import cnn_specs, build, props, make_data
 
 from cnnmodules.graph import LayerGraph, forward, DecompositionError
 from cnnmodules.concern import sample_inputs
@@ -46,19 +46,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 # every hypothesis property runs on models without and with residual blocks (Add)
 ADD = pytest.mark.parametrize('residual', [False, True], ids=['no_add', 'add'])
-
-
-def make_data(spec, per_class, dtype='float64'):
-    "Random normal inputs, `per_class` of each class in shuffled order; class c blanks its own band of rows."
-    rng = np.random.default_rng(spec['seed'] + 1)
-    H = spec['shape'][0]
-    N = spec['N']
-    y = rng.permutation(np.repeat(np.arange(N), per_class))
-    x = rng.normal(size=(len(y),) + tuple(spec['shape']))
-    for c in range(N):
-        r0 = (c * H) // N
-        x[np.ix_(y == c, np.arange(r0, min(H, r0 + max(1, H // 3))))] = 0
-    return x.astype(dtype), y
 
 
 def parent_logits(model, x):
