@@ -1,0 +1,87 @@
+"Papermill smoke run of the motivating example (the paper's Figure 1 / Table 6) at its CI-sized defaults, on the offline Tiny-ImageNet-202 copy."
+import csv, json, math
+from pathlib import Path
+
+import pytest
+
+papermill = pytest.importorskip('papermill')
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / 'nbs' / 'experiments'
+SHARED = REPO.parent / 'shared' / 'data'
+ROWS = ('Initial Model', 'MA', 'Option 1', 'Option 2', 'Option 3', 'Option 4')
+
+@pytest.fixture(scope='module')
+def result(tmp_path_factory):
+    if not (SHARED / 'tiny-imagenet-202.zip').exists(): pytest.skip(f'no offline Tiny-ImageNet-202 copy at {SHARED}')
+    tmp = tmp_path_factory.mktemp('motivating')
+    out = tmp / 'out'
+    papermill.execute_notebook(str(EXP / 'motivating_example.ipynb'), str(tmp / 'motivating_example.ipynb'),
+                               parameters=dict(data_dir=str(SHARED), out_dir=str(out), models_dir=str(tmp / 'models')),
+                               cwd=str(EXP), kernel_name='python3', progress_bar=False)
+    return out, json.loads((out / 'metrics.json').read_text())
+
+def test_files_and_keys(result):
+    out, m = result
+    for f in ('metrics.json', 'table6.csv', 'table6.md', 'table6.png'): assert (out / f).stat().st_size > 0, f
+    assert {'scale', 'rows', 'checks', 'models', 'paper', 'longer_model', 'timings_s'} <= set(m)
+    assert tuple(m['rows']) == ROWS
+    with open(out / 'table6.csv') as fh: table = list(csv.DictReader(fh))
+    assert [r['strategy'] for r in table] == list(ROWS)
+    assert {'paper_top1', 'paper_top5', 'person_as_gorilla', 'gorilla_as_person'} <= set(table[0])
+    # the paper's numbers come from paper_numbers.json, next to ours
+    paper = json.loads((EXP / 'paper_numbers.json').read_text())['table6']
+    for r in table:
+        assert float(r['paper_top1']) == pytest.approx(paper['rows'][r['strategy']][0])
+        assert float(r['paper_top5']) == pytest.approx(paper['rows'][r['strategy']][1])
+    assert m['paper']['table6']['MA']['top1'] == paper['rows']['MA'][0]
+
+def test_scale_and_models(result):
+    _, m = result
+    s = m['scale']
+    assert s['dataset'] == 'tiny-imagenet-202' and s['image_size'][:2] == [32, 32]
+    assert s['test_images'] == 202 * s['test_per_class']
+    assert s['focus_person_images'] == s['focus_gorilla_images'] == 20
+    init, longer, pair = m['models']['initial'], m['models']['longer'], m['models']['pair']
+    assert init['model'] == longer['model']                     # option 1's model is the same run, continued
+    assert (init['epochs'], longer['epochs']) == (s['epochs'], s['longer_epochs']) and longer['epochs'] > init['epochs']
+    assert init['classes'] == 202 and pair['classes'] == 2
+    assert init['train_images'] == s['train_images'] == 202 * s['train_per_class']
+    assert pair['train_images'] == s['pair_train_images'] and pair['test_images'] == 100
+    assert m['longer_model']['gain_pp_full_test'] == pytest.approx(100 * (longer['test_top1'] - init['test_top1']))
+    assert m['longer_model']['paper_gain_pp'] > 0
+    assert m['decomposition']['tangling_per_class'] == s['E'] // 201
+    assert m['decomposition']['tangling_per_class_pair'] == s['E_pair']
+
+def test_rows_in_range(result):
+    _, m = result
+    s = m['scale']
+    for name, r in m['rows'].items():
+        for k in ('top1', 'top5', 'top1_other_201', 'person_recall'): assert 0 <= r[k] <= 1, (name, k)
+        assert r['top1'] <= r['top5'] + 1e-12, name
+        for k, bound in (('person_as_gorilla', s['focus_person_images']), ('gorilla_as_person', s['focus_gorilla_images']),
+                         ('predicted_gorilla', s['test_images']), ('predicted_person', s['test_images'])):
+            assert isinstance(r[k], int) and 0 <= r[k] <= bound, (name, k)
+        assert r['gorilla_recall'] is None or 0 <= r['gorilla_recall'] <= 1
+        assert r['gorilla_precision'] is None or 0 <= r['gorilla_precision'] <= 1
+        assert (r['gorilla_precision'] is None) == (r['predicted_gorilla'] == 0), name
+
+def test_checks_and_scenario_properties(result):
+    _, m = result
+    s, rows = m['scale'], m['rows']
+    assert m['checks'] and all(v is True for v in m['checks'].values()), m['checks']
+    assert {'option1_swap_equals_direct', 'option2_swap_equals_direct', 'option3_drop_equals_direct', 'option4_equals_reverify'} <= set(m['checks'])
+    n = s['test_images']
+    # option 3: gorilla is gone, so nothing is called gorilla and no gorilla image is right
+    o3 = rows['Option 3']
+    assert o3['predicted_gorilla'] == 0 and o3['person_as_gorilla'] == 0 and o3['gorilla_recall'] == 0
+    n_gorilla = n // 202
+    assert o3['top1'] == pytest.approx(o3['top1_other_201'] * (n - n_gorilla) / n)
+    # options 1-3 change only the gorilla column: a prediction can change only where MA or the option says gorilla
+    for o in ('Option 1', 'Option 2', 'Option 3'):
+        assert abs(rows[o]['top1'] - rows['MA']['top1']) * n <= rows['MA']['predicted_gorilla'] + rows[o]['predicted_gorilla'] + 1e-9, o
+    # option 4 re-decides only the model's person and gorilla predictions
+    init, o4 = rows['Initial Model'], rows['Option 4']
+    assert abs(o4['top1'] - init['top1']) * n <= init['predicted_gorilla'] + init['predicted_person'] + 1e-9
+    assert o4['predicted_gorilla'] + o4['predicted_person'] == init['predicted_gorilla'] + init['predicted_person']
+    assert o4['top1_other_201'] >= 0 and math.isfinite(o4['top5'])
