@@ -1,0 +1,103 @@
+"Papermill run of nbs/experiments/rq2_replace.ipynb (the paper's Tables 4 and 5, module replacement) at its CI-sized defaults."
+import csv, json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+papermill = pytest.importorskip('papermill')
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / 'nbs' / 'experiments'
+SHARED = REPO.parent / 'shared' / 'data'
+STRONG = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
+needs_data = pytest.mark.skipif(not ((SHARED / 'cifar10-jpeg.zip').exists() and (SHARED / 'tiny-imagenet-202.zip').exists()),
+                                reason=f'no offline CIFAR-10 and Tiny-ImageNet copies at {SHARED}')
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    if not STRONG.exists(): pytest.skip(f'no trained parent at {STRONG}')
+    tmp = tmp_path_factory.mktemp('rq2_replace')
+    papermill.execute_notebook(str(EXP / 'rq2_replace.ipynb'), str(tmp / 'rq2_replace.ipynb'),
+                               parameters=dict(data_dir=str(SHARED), out_dir=str(tmp / 'out'), models_dir=str(tmp / 'models')),
+                               cwd=str(EXP), kernel_name='python3', progress_bar=False)
+    return tmp, json.loads((tmp / 'out' / 'metrics.json').read_text())
+
+def in01(v): return 0 <= v <= 1
+
+@needs_data
+def test_table4(run):
+    tmp, m = run
+    assert {'scale', 'table4', 'table5', 'summary', 'paper'} <= set(m)
+    s, t4 = m['scale'], m['table4']
+    assert s['n_concerned'] == 20 and s['test_images'] == 500 and s['seed'] == 0 and s['steps'] == ['ci', 'ti', 'mc', 'blc']
+    # the weaker model is the one whose modules were replaced, by the measured top-1 on the same test images
+    assert s['weak']['test_top1'] == t4['tma']['top1'] <= s['strong']['test_top1'] == t4['strong_model']['top1']
+    assert len(t4['replaced']) == 10 and [r['class'] for r in t4['replaced']] == list(range(10))
+    for r in [t4['tma'], t4['prior_ma'], t4['strong_model'], t4['strong_composed']] + t4['replaced']:
+        assert in01(r['top1']) and in01(r['top5']) and r['top1'] <= r['top5']
+    prior = t4['prior_ma']
+    for r in t4['replaced']:   # per-row numbers agree with each other
+        assert r['delta_top1'] == pytest.approx(r['top1'] - prior['top1']) and r['delta_top5'] == pytest.approx(r['top5'] - prior['top5'])
+        assert r['top1'] * 500 == pytest.approx(round(r['top1'] * 500))     # a share of the 500 test images
+    assert t4['better_or_equal_top1'] == sum(r['top1'] >= prior['top1'] for r in t4['replaced'])
+    assert t4['better_or_equal_top5'] == sum(r['top5'] >= prior['top5'] for r in t4['replaced'])
+    assert t4['mean_delta_top1_pp'] == pytest.approx(100 * np.mean([r['delta_top1'] for r in t4['replaced']]))
+    # the column-swapped scores equal the replaced ModuleSet evaluated as it is; a module replaced by itself gives Prior MA
+    assert t4['swap_equals_direct'] is True and t4['self_replacement_equals_prior'] is True
+    assert t4['checks'] and all(c['max_abs_logit_diff'] < 1e-4 and c['same_predictions'] and c['images'] == 50 for c in t4['checks'])
+    # the paper's counts, derived from paper_numbers.json, are the ones its text states (24/30 and 25/30)
+    assert (m['paper']['table4']['top1']['better_or_equal'], m['paper']['table4']['top5']['better_or_equal']) == (24, 25)
+    paper = json.loads((EXP / 'paper_numbers.json').read_text())['table4']['top1']['CIFAR-10']
+    md = (tmp / 'out' / 'table4.md').read_text()
+    assert 'paper top-1 (CIFAR-10)' in md and f"{paper['Prior MA']:.4f}" in md
+    with open(tmp / 'out' / 'table4.csv') as f: rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and float(rows[0]['Prior MA']) == pytest.approx(prior['top1'])
+
+@needs_data
+def test_table5(run):
+    tmp, m = run
+    s, t5 = m['scale'], m['table5']
+    n = s['inter_classes']
+    assert n == 2 and len(t5['rows']) == n ** 2
+    assert len(s['parent_classes']) == len(s['foreign_classes']) == n
+    assert not set(s['foreign_classes']) & set(s['parent_classes'])
+    pairs = {(r['t'], r['c']) for r in t5['rows']}
+    assert len(pairs) == n ** 2    # every (t, c) pair once
+    for r in t5['rows']:
+        for k in ('M1', 'D1', 'M5', 'D5'): assert in01(r[k])
+        assert r['M1'] <= r['M5'] and r['D1'] <= r['D5']
+        assert r['D1 - M1 (pp)'] == pytest.approx(100 * (r['D1'] - r['M1']))
+        assert r['foreign class t'] in s['foreign_classes'] and r['parent class c'] in s['parent_classes']
+        # 9 parent classes of 50 test images and the foreign class's 50 validation images; 50 training images per class
+        assert r['test images'] == 500 and r['foreign test images'] == 50
+        assert r['retrain images'] == 500 and r['retrain foreign images'] == 50
+    assert t5['swap_equals_direct'] is True and t5['checks'][0]['images'] == 50
+    assert t5['average']['D1'] == pytest.approx(np.mean([r['D1'] for r in t5['rows']]))
+    assert s['other']['image_size'] == 32 and s['other']['tangling_per_class'] == 0   # 200 classes, E = 20: TI adds nothing
+    # the paper's averages, derived from its 16 cells, are the ones its text states (+2.5 pp top-1, -7.1 pp top-5)
+    assert m['paper']['table5_average']['D1 - M1 (pp)'] == pytest.approx(2.5, abs=0.1)
+    assert m['paper']['table5_average']['D5 - M5 (pp)'] == pytest.approx(-7.1, abs=0.1)
+    with open(tmp / 'out' / 'table5.csv') as f: rows = list(csv.DictReader(f))
+    assert len(rows) == n ** 2 + 2 and rows[-1]['foreign class t'].startswith('paper')
+
+@needs_data
+def test_outputs_and_cache(run):
+    tmp, m = run
+    for f in ('table4.csv', 'table4.md', 'table5.csv', 'table5.md', 'replacement.png', 'metrics.json'):
+        assert (tmp / 'out' / f).stat().st_size > 0
+    assert (tmp / 'out' / 'replacement.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # models trained through the cache: the weaker model, the foreign model and one from-scratch model per pair
+    models = sorted(p.name for p in (tmp / 'models').glob('*.keras'))
+    assert len(models) == 2 + len(m['table5']['rows']), models
+    # a second call reuses the cached weaker model (no training) and reproduces TMA on the same test images
+    from cnnmodules.experiments import experiment_data, cached_model
+    from cnnmodules.models import evaluate
+    ds, tag = experiment_data('cifar10', str(SHARED))
+    path = tmp / 'models' / 'cifar10_resnet8_n100_e1.keras'
+    before = path.stat().st_mtime_ns
+    model, rec = cached_model(ds, tag, depth=8, epochs=1, train_per_class=100, seed=0, models_dir=tmp / 'models')
+    assert path.stat().st_mtime_ns == before and rec['train_images'] == 1000
+    xt, yt = ds.sample_per_class(50, seed=0, split='test')
+    assert evaluate(model, xt, yt)['top1'] == m['table4']['tma']['top1']
+    assert m['scale']['weak']['train_images'] == 1000 and m['scale']['weak']['epochs'] == 1
