@@ -87,5 +87,8 @@ def test_rq3_co2(tmp_path):
     for r in m['ratios']:
         assert 0 < r['training_over_modules_best_epoch'] <= r['training_over_modules_fixed_epochs']
         assert 0 <= r['training_top1'] <= 1 and 0 <= r['modules_top1'] <= 1 and r['train_images'] > 0
+        # training energy grows with its epochs: at the parent's epochs (its record: 30) the ratio scales from the 1-epoch run
+        assert r['parent_epochs'] == json.loads(model.with_suffix('.json').read_text())['epochs']
+        assert r['extrapolated_at_parent_epochs'] == pytest.approx(r['training_over_modules_fixed_epochs'] * r['parent_epochs'])
     assert m['scale']['train_epochs'] == 1 and m['scale']['n_concerned'] == 10
     for f in ('energy.csv', 'energy.md', 'ratios.csv', 'ratios.md', 'figure6.png'): assert (tmp_path / 'rq3' / f).exists()
