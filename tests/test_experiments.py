@@ -31,7 +31,7 @@ def test_rq1_decomposition(tmp_path):
     model = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
     if not model.exists(): pytest.skip(f'no trained parent at {model}')
     run('rq1_decomposition.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'rq1' / 'cifar10_r20'),
-        n_concerned=20, test_per_class=20, deltas=[0.5, 0.1], timing_repeats=1, collect_dir=str(tmp_path / 'rq1'))
+        collect_dir=str(tmp_path / 'rq1'))   # the notebook's CI-sized defaults
     m = json.loads((tmp_path / 'rq1' / 'cifar10_r20' / 'metrics.json').read_text())
     assert m['scale']['row'] == 'CIFAR10-R20' and m['paper_row']['model'][0] == 0.871   # the paper's row for this dataset and depth
     assert {r['rule'] for r in m['steps']} == {'backtrack', 'paper'}
@@ -75,8 +75,7 @@ def test_compact_modules(tmp_path):
 def test_rq3_co2(tmp_path):
     model = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
     if not model.exists(): pytest.skip(f'no trained parent at {model}')
-    run('rq3_co2.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'rq3'), models_dir=str(tmp_path / 'models'),
-        n_concerned=10, train_per_class=30, train_depth=8)
+    run('rq3_co2.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'rq3'), models_dir=str(tmp_path / 'models'))   # its defaults
     m = json.loads((tmp_path / 'rq3' / 'metrics.json').read_text())
     assert len(m['rows']) == 8 and {r['task'] for r in m['ratios']} == {'reuse (intra)', 'reuse + update (inter)', 'replace (inter)'}
     for r in m['rows']:
