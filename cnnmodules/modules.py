@@ -252,3 +252,7 @@ class ModuleSet:
         ms = cls(mods, manifest.get('name'))
         ms.removed, ms.timings = manifest.get('removed', {}), manifest.get('timings', {})
         return ms
+
+# %% ../nbs/06_modules.ipynb #a1cf0c9b
+# Imported last, once Module and ModuleSet exist: both modules import them from here and patch them.
+from . import compact as _compact, scenarios as _scenarios  # noqa: E402,F401

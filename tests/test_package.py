@@ -47,3 +47,36 @@ assert np.allclose(p, np.load(r"{tmp_path / 'ref.npy'}"), atol=1e-6), "loaded mo
 '''
     r = subprocess.run([sys.executable, '-c', check], timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+@pytest.mark.parametrize('first', ['cnnmodules.modules', 'cnnmodules.compose', 'cnnmodules.decompose',
+                                   'cnnmodules.compact', 'cnnmodules.scenarios', 'cnnmodules.cli'])
+def test_public_api_whatever_is_imported_first(first):
+    "`ModuleSet.replace/remove` and `Module.size/to_keras(slim=...)` exist in a fresh process whichever module it imports first."
+    code = f'''
+import importlib, inspect
+importlib.import_module({first!r})
+from cnnmodules.modules import Module, ModuleSet
+missing = [n for c, n in [(ModuleSet, "replace"), (ModuleSet, "remove"), (Module, "size"), (Module, "to_slim_keras")] if not hasattr(c, n)]
+assert not missing, missing
+assert "slim" in inspect.signature(Module.to_keras).parameters
+'''
+    r = subprocess.run([sys.executable, '-c', code], timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+def test_runtime_dependencies_cover_runtime_imports():
+    "Every third-party package the library imports is in `requirements` (not only in the dev extras)."
+    import ast
+    cfg = configparser.ConfigParser(); cfg.read(REPO / 'settings.ini')
+    req = {r.split('<')[0].split('>')[0].split('=')[0].strip().lower() for r in cfg['DEFAULT']['requirements'].split()}
+    names = {'sklearn': 'scikit-learn', 'PIL': 'pillow', 'keras': 'tensorflow', 'tensorflow': 'tensorflow'}
+    found = set()
+    for f in (REPO / 'cnnmodules').glob('*.py'):
+        for node in ast.walk(ast.parse(f.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                   [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for m in mods:
+                top = m.split('.')[0]
+                if top in sys.stdlib_module_names or top in ('cnnmodules', '__future__'): continue
+                found.add((f.name, names.get(top, top).lower()))
+    missing = sorted((f, p) for f, p in found if p not in req)
+    assert not missing, f'imported at run time but not in settings.ini requirements: {missing}'
