@@ -98,6 +98,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(_SESSION['root'], ignore_errors=True)
     _SESSION.clear()
 
+@pytest.fixture(scope='session', autouse=True)
+def _private_tempdir(tmp_path_factory):
+    "In this process too, what `tempfile` makes without removing (e.g. notebooks run in-process) goes into the run folder."
+    tmp_path_factory.getbasetemp()            # pytest's own tmp_path root stays where it was (it keeps failed tests' folders)
+    before = tempfile.tempdir
+    tempfile.tempdir = str(_SESSION['root'] / 'tmp')
+    yield
+    tempfile.tempdir = before
+
 @pytest.fixture(scope='session')
 def session_cache() -> Path:
     "The run's dataset and model cache folder (`$CNNMODULES_CACHE` for this run), removed at its end."

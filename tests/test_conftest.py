@@ -89,6 +89,9 @@ def test_caches(session_cache):
     child = subprocess.run([sys.executable, '-c', 'import os, tempfile; print(os.environ["CNNMODULES_CACHE"], tempfile.gettempdir())'],
                            capture_output=True, text=True, check=True).stdout.split()
     assert child == [str(session_cache), str(env['TMPDIR'])]      # subprocesses and notebook kernels inherit it
+    import tempfile
+    leak = tempfile.mkdtemp()                                      # in this process too: a folder nobody removes
+    assert Path(leak).parent == env['TMPDIR']
     print('ROOT=' + str(root))
 '''
 
