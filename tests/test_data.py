@@ -13,7 +13,7 @@ from cnnmodules import data
 from cnnmodules.data import (CIFAR10_CLASSES, Dataset, DatasetError, load_dataset, resize,
                              sample_per_class, subset_classes, to_float)
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+from conftest import DATA as SHARED, needs_data, require_data   # the offline copies ($CNNMODULES_DATA, else ../shared/data)
 KNOWN = 'known names are cifar10, cifar100, tiny-imagenet, mnist, digits'
 
 
@@ -587,7 +587,7 @@ def test_resize(tmp_path):
 
 # ---------------------------------------------------------------- the real copies in ../shared/data
 
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f'no shared data copies at {SHARED}')
+needs_shared = needs_data()
 
 @pytest.fixture(scope='session')
 def shared_cache(tmp_path_factory): return tmp_path_factory.mktemp('shared-cache')
@@ -595,8 +595,8 @@ def shared_cache(tmp_path_factory): return tmp_path_factory.mktemp('shared-cache
 
 @needs_shared
 def test_shared_cifar10_jpeg(shared_cache, capsys):
+    require_data('cifar10-jpeg.zip')
     src = SHARED / 'cifar10-jpeg.zip'
-    if not src.exists(): pytest.skip(f'{src} absent')
     t0 = time.perf_counter()
     ds = load_dataset(src, cache=shared_cache, progress=False)
     t1 = time.perf_counter()
@@ -614,8 +614,8 @@ def test_shared_cifar10_jpeg(shared_cache, capsys):
 
 @needs_shared
 def test_shared_tiny_imagenet(shared_cache, capsys):
+    require_data('tiny-imagenet-202.zip')
     src = SHARED / 'tiny-imagenet-202.zip'
-    if not src.exists(): pytest.skip(f'{src} absent')
     t0 = time.perf_counter()
     ds = load_dataset(src, cache=shared_cache, progress=False)
     t1 = time.perf_counter()
@@ -632,7 +632,7 @@ def test_shared_tiny_imagenet(shared_cache, capsys):
 
 @needs_shared
 def test_shared_mnist(shared_cache):
-    if not (SHARED / 'mnist').is_dir(): pytest.skip('no mnist folder')
+    require_data('mnist')
     ds = load_dataset('mnist', data_dir=SHARED, cache=shared_cache, progress=False)
     assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
     assert ds.class_counts('train').sum() == 60000 and ds.num_classes == 10

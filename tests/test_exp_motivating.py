@@ -1,24 +1,18 @@
 "Papermill smoke run of the motivating example (the paper's Figure 1 / Table 6) at its CI-sized defaults, on the offline Tiny-ImageNet-202 copy."
 import csv, json, math
-from pathlib import Path
 
 import pytest
+from conftest import EXP, require_data, run_experiment
 
-papermill = pytest.importorskip('papermill')
-
-REPO = Path(__file__).resolve().parents[1]
-EXP = REPO / 'nbs' / 'experiments'
-SHARED = REPO.parent / 'shared' / 'data'
+pytest.importorskip('papermill')
 ROWS = ('Initial Model', 'MA', 'Option 1', 'Option 2', 'Option 3', 'Option 4')
 
 @pytest.fixture(scope='module')
 def result(tmp_path_factory):
-    if not (SHARED / 'tiny-imagenet-202.zip').exists(): pytest.skip(f'no offline Tiny-ImageNet-202 copy at {SHARED}')
+    require_data('tiny-imagenet-202.zip')
     tmp = tmp_path_factory.mktemp('motivating')
     out = tmp / 'out'
-    papermill.execute_notebook(str(EXP / 'motivating_example.ipynb'), str(tmp / 'motivating_example.ipynb'),
-                               parameters=dict(data_dir=str(SHARED), out_dir=str(out), models_dir=str(tmp / 'models')),
-                               cwd=str(EXP), kernel_name='python3', progress_bar=False)
+    run_experiment('motivating_example.ipynb', tmp / 'motivating_example.ipynb', out_dir=str(out), models_dir=str(tmp / 'models'))
     return out, json.loads((out / 'metrics.json').read_text())
 
 def test_files_and_keys(result):

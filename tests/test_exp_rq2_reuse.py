@@ -1,23 +1,15 @@
 "Papermill runs of nbs/experiments/rq2_reuse.ipynb (the paper's Tables 2-3, module reuse) at its CI-sized defaults: twice on one model cache."
 import csv, json, math
-from pathlib import Path
 
 import pytest
+from conftest import TRAINED_PARENT as PARENT, needs_data, require_file, run_experiment
 
-papermill = pytest.importorskip('papermill')
-
-REPO = Path(__file__).resolve().parents[1]
-EXP = REPO / 'nbs' / 'experiments'
-SHARED = REPO.parent / 'shared' / 'data'
-PARENT = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
-needs_data = pytest.mark.skipif(not ((SHARED / 'cifar10-jpeg.zip').exists() and (SHARED / 'tiny-imagenet-202.zip').exists()),
-                                reason=f'no offline CIFAR-10 and Tiny-ImageNet copies at {SHARED}')
+pytest.importorskip('papermill')
+needs_cifar_tiny = needs_data('cifar10-jpeg.zip', 'tiny-imagenet-202.zip')
 
 def run(tmp_path, name, **params):
     out = tmp_path / name
-    papermill.execute_notebook(str(EXP / 'rq2_reuse.ipynb'), str(tmp_path / f'{name}.ipynb'),
-                               parameters=dict(data_dir=str(SHARED), out_dir=str(out), models_dir=str(tmp_path / 'models'), **params),
-                               cwd=str(EXP), kernel_name='python3', progress_bar=False)
+    run_experiment('rq2_reuse.ipynb', tmp_path / f'{name}.ipynb', out_dir=str(out), models_dir=str(tmp_path / 'models'), **params)
     return json.loads((out / 'metrics.json').read_text()), out
 
 def csv_rows(path):
@@ -26,9 +18,9 @@ def csv_rows(path):
 def snapshot(folder):
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob('*') if p.is_file()}
 
-@needs_data
+@needs_cifar_tiny
 def test_rq2_reuse(tmp_path):
-    if not PARENT.exists(): pytest.skip(f'no trained parent at {PARENT}')
+    require_file(PARENT)
     from cnnmodules.experiments import paper_numbers
     m, out = run(tmp_path, 'first')
     assert {'scale', 'table2', 'table3', 'summary', 'paper', 'tma_models'} <= set(m)

@@ -1,23 +1,40 @@
 "Papermill smoke runs of the experiment notebooks at their CI-sized defaults, on the offline data copies."
-import json
-from pathlib import Path
+import csv, json
 
 import pytest
+from conftest import DATA, TRAINED_PARENT, needs_data, require_file, run_experiment
 
-papermill = pytest.importorskip('papermill')
+pytest.importorskip('papermill')
+needs_cifar = needs_data('cifar10-jpeg.zip')
 
-REPO = Path(__file__).resolve().parents[1]
-EXP = REPO / 'nbs' / 'experiments'
-SHARED = REPO.parent / 'shared' / 'data'
-needs_data = pytest.mark.skipif(not (SHARED / 'cifar10-jpeg.zip').exists(), reason=f'no offline CIFAR-10 copy at {SHARED}')
+def run(nb, tmp_path, **params): return run_experiment(nb, tmp_path / nb, **params)
 
-def run(nb, tmp_path, **params):
-    out = tmp_path / nb
-    papermill.execute_notebook(str(EXP / nb), str(out), parameters=dict(data_dir=str(SHARED), **params),
-                               cwd=str(EXP), kernel_name='python3', progress_bar=False)
-    return out
+def relu_kept_shares(model_path, n_concerned, seed=0):
+    """Share of ReLU outputs a module keeps after CI and after CI+TI, averaged over the 10 CIFAR-10 modules, computed
+    with Keras alone on the inputs the decomposition observes (E concerned inputs per class, the first
+    E // 9 of each class's draw serving as its tangling inputs)."""
+    import keras, numpy as np
+    from cnnmodules.concern import sample_inputs
+    from cnnmodules.experiments import experiment_data
+    ds, _ = experiment_data('cifar10', str(DATA))
+    model = keras.saving.load_model(model_path)
+    s = sample_inputs(ds.y_train, 10, n_concerned, seed=seed)
+    relus = [l.output for l in model.layers if isinstance(l, keras.layers.ReLU)
+             or (isinstance(l, keras.layers.Activation) and l.get_config()['activation'] == 'relu')]
+    acts = keras.Model(model.inputs, relus).predict(ds.x_train[s.index].astype('float32'), batch_size=64, verbose=0)
+    on = [a.reshape(len(a), -1) > 0 for a in acts]
+    total = sum(a.shape[1] for a in on)
+    k = n_concerned // 9
+    first = {c: np.flatnonzero(s.label == c)[:k] for c in range(10)}
+    ci, ti = [], []
+    for c in range(10):
+        mine = np.flatnonzero(s.label == c)
+        tangling = np.concatenate([first[j] for j in range(10) if j != c])
+        ci.append(sum(a[mine].any(0).sum() for a in on) / total)
+        ti.append(sum((a[mine].any(0) | a[tangling].any(0)).sum() for a in on) / total)
+    return float(np.mean(ci)), float(np.mean(ti))
 
-@needs_data
+@needs_cifar
 def test_train_resnet(tmp_path):
     run('train_resnet.ipynb', tmp_path, out_dir=str(tmp_path / 'models'), depth=8, train_per_class=20, epochs=2,
         checkpoint_dir=str(tmp_path / 'ckpt'))
@@ -26,27 +43,42 @@ def test_train_resnet(tmp_path):
     assert (tmp_path / 'models' / 'cifar10_resnet8_ci.keras').exists()
     assert (tmp_path / 'ckpt' / 'best.keras').exists()
 
-@needs_data
+@needs_cifar
 def test_rq1_decomposition(tmp_path):
-    model = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
-    if not model.exists(): pytest.skip(f'no trained parent at {model}')
+    model = TRAINED_PARENT
+    require_file(model)
     run('rq1_decomposition.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'rq1' / 'cifar10_r20'),
         collect_dir=str(tmp_path / 'rq1'))   # the notebook's CI-sized defaults
     m = json.loads((tmp_path / 'rq1' / 'cifar10_r20' / 'metrics.json').read_text())
     assert m['scale']['row'] == 'CIFAR10-R20' and m['paper_row']['model'][0] == 0.871   # the paper's row for this dataset and depth
     assert {r['rule'] for r in m['steps']} == {'backtrack', 'paper'}
+    control = next(r for r in m['steps'] if r['steps'] == 'MC only (all nodes kept)')
+    assert control['kept_nodes'] == 1.0 and control['removed_by_blc'] == control['removed_by_bi'] == 0
+    n_modules = 10                                   # CIFAR-10: one module per class
     for rule in ('backtrack', 'paper'):
         steps = {r['steps']: r for r in m['steps'] if r['rule'] == rule}
-        # the ablation ran every step under both node rules; CI keeps no more than CI+TI; MC-BI no more than MC-BLN
         assert set(steps) >= {'CI+MC', 'CI+TI+MC', 'CI+TI+MC-BLN', 'CI+TI+MC-BLN+MC-BI'}
-        assert steps['CI+MC']['kept_nodes'] <= steps['CI+TI+MC']['kept_nodes']
-        assert steps['CI+TI+MC-BLN+MC-BI']['kept_nodes'] <= steps['CI+TI+MC-BLN']['kept_nodes'] <= steps['CI+TI+MC']['kept_nodes']
-    control = next(r for r in m['steps'] if r['steps'] == 'MC only (all nodes kept)')
+        ci, ti, bln, bi = (steps[k] for k in ('CI+MC', 'CI+TI+MC', 'CI+TI+MC-BLN', 'CI+TI+MC-BLN+MC-BI'))
+        nodes = n_modules * ci['nodes_per_module']
+        # each row is a separate decomposition with the same seed; each step starts from what the earlier ones kept, so
+        # the share one row keeps is the earlier row's minus the nodes its own step reports removing (counted apart)
+        assert ti['kept_after_ci'] == pytest.approx(ci['kept_nodes'], abs=1e-12)         # TI's run did the same CI first
+        assert ci['kept_after_ci'] == pytest.approx(ci['kept_nodes'], abs=1e-12)         # CI+MC: no step removes after CI
+        assert ti['removed_by_blc'] == ti['removed_by_bi'] == ci['removed_by_blc'] == 0
+        assert bln['kept_nodes'] == pytest.approx(ti['kept_nodes'] - bln['removed_by_blc'] / nodes, abs=1e-12)
+        assert bi['removed_by_blc'] == bln['removed_by_blc'] and bi['head_inputs_removed_by_blc'] == bln['head_inputs_removed_by_blc']
+        assert bi['kept_nodes'] == pytest.approx(bln['kept_nodes'] - bi['removed_by_bi'] / nodes, abs=1e-12)
+    # CI and CI+TI under the default rule, recomputed directly: a module keeps a ReLU output when it is positive for one of
+    # its E concerned inputs (CI), or for one of the other classes' tangling inputs (TI), on the model run by Keras
+    steps = {r['steps']: r for r in m['steps'] if r['rule'] == 'backtrack'}
+    ci_share, ti_share = relu_kept_shares(model, n_concerned=m['scale']['n_concerned'])
+    assert steps['CI+MC']['kept_nodes'] == pytest.approx(ci_share, abs=1e-4)
+    assert steps['CI+TI+MC']['kept_nodes'] == pytest.approx(ti_share, abs=1e-4)
+    assert ti_share > ci_share       # at E = 20, the 2 tangling inputs of each other class light up nodes CI left out
     assert control['top1'] == m['model']['top1']    # the all-kept control composes to the model exactly
     assert m['speed']['literal_equals_batched'] is True
     for f in ('table1.md', 'steps_ablation.csv', 'delta_ablation.png', 'kept_per_layer.png'): assert (tmp_path / 'rq1' / 'cifar10_r20' / f).exists()
     # the collected Table 1: our one row, in the paper's layout, and the paper's nine rows with what we ran of them
-    import csv
     ours = list(csv.DictReader((tmp_path / 'rq1' / 'table1.csv').open()))
     assert [r['row'] for r in ours] == ['CIFAR10-R20']
     bln = next(r for r in m['steps'] if r['rule'] == 'backtrack' and r['steps'] == 'CI+TI+MC-BLN')
@@ -54,10 +86,10 @@ def test_rq1_decomposition(tmp_path):
     paper = {r['row']: r for r in csv.DictReader((tmp_path / 'rq1' / 'table1_paper.csv').open())}
     assert len(paper) == 9 and paper['CIFAR10-R20']['ours'] == 'run' and paper['CIFAR100-R20']['ours'].startswith('not run')
 
-@needs_data
+@needs_cifar
 def test_compact_modules(tmp_path):
-    model = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
-    if not model.exists(): pytest.skip(f'no trained parent at {model}')
+    model = TRAINED_PARENT
+    require_file(model)
     run('compact_modules.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'compact'),
         n_concerned=20, test_per_class=10, node_rates=[0.0, 0.2], channel_rates=[0.0, 0.4], sparsities=[2.0], mask_steps=3, mask_batch=4)
     m = json.loads((tmp_path / 'compact' / 'metrics.json').read_text())
@@ -71,10 +103,10 @@ def test_compact_modules(tmp_path):
     assert m['slim_export']['max_abs_diff_p_concerned_200_test_images_float32'] < 1e-4
     for f in ('frontier.png', 'frontier.csv', 'frontier.md'): assert (tmp_path / 'compact' / f).exists()
 
-@needs_data
+@needs_data('cifar10-jpeg.zip', 'tiny-imagenet-202.zip')
 def test_rq3_co2(tmp_path):
-    model = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
-    if not model.exists(): pytest.skip(f'no trained parent at {model}')
+    model = TRAINED_PARENT
+    require_file(model)
     run('rq3_co2.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'rq3'), models_dir=str(tmp_path / 'models'))   # its defaults
     m = json.loads((tmp_path / 'rq3' / 'metrics.json').read_text())
     assert len(m['rows']) == 8 and {r['task'] for r in m['ratios']} == {'reuse (intra)', 'reuse + update (inter)', 'replace (inter)'}
@@ -83,11 +115,27 @@ def test_rq3_co2(tmp_path):
         # the paper's equation (1): kWh = 1.58 * hours * (CPU + RAM watts) / 1000, from the same time and power
         assert abs(r['kwh_paper_eq'] - 1.58 * r['seconds'] / 3600 * (r['cpu_w'] + r['ram_w']) / 1000) <= 1e-12
         assert abs(r['co2e_lbs_paper_eq'] - 0.954 * r['kwh_paper_eq']) <= 1e-12
-    for r in m['ratios']:
-        assert 0 < r['training_over_modules_best_epoch'] <= r['training_over_modules_fixed_epochs']
-        assert 0 <= r['training_top1'] <= 1 and 0 <= r['modules_top1'] <= 1 and r['train_images'] > 0
-        # training energy grows with its epochs: at the parent's epochs (its record: 30) the ratio scales from the 1-epoch run
-        assert r['parent_epochs'] == json.loads(model.with_suffix('.json').read_text())['epochs']
-        assert r['extrapolated_at_parent_epochs'] == pytest.approx(r['training_over_modules_fixed_epochs'] * r['parent_epochs'])
     assert m['scale']['train_epochs'] == 1 and m['scale']['n_concerned'] == 10
+    # the ratios, recomputed from the energy table (energy.csv, one row per measured run) with the pairing the paper
+    # makes: each task's training from scratch against the modules doing the same task (not the decompositions)
+    energy = {r['scenario']: r for r in csv.DictReader((tmp_path / 'rq3' / 'energy.csv').open())}
+    assert len(energy) == 8
+    kwh = {k: float(r['kwh']) for k, r in energy.items()}
+    pairs = {'reuse (intra)': ('train (intra pair)', 'reuse (intra)'), 'reuse + update (inter)': ('train (inter pair)', 'reuse + update (inter)'),
+             'replace (inter)': ('train (new 10 classes)', 'replace (inter)')}
+    parent_epochs = json.loads(model.with_suffix('.json').read_text())['epochs']   # the parent's own training record
+    ratios_csv = {r['task']: r for r in csv.DictReader((tmp_path / 'rq3' / 'ratios.csv').open())}
+    for r in m['ratios']:
+        train, mods = pairs[r['task']]
+        assert r['training_over_modules_fixed_epochs'] == pytest.approx(kwh[train] / kwh[mods], rel=1e-9)
+        assert r['training_kwh_per_epoch'] == pytest.approx(kwh[train] / 1, rel=1e-9)       # one epoch trained
+        # at the parent's epochs, training costs parent_epochs times the measured epoch; the modules' cost is unchanged
+        assert r['parent_epochs'] == parent_epochs
+        assert r['extrapolated_at_parent_epochs'] == pytest.approx(kwh[train] * parent_epochs / kwh[mods], rel=1e-9)
+        assert r['best_epoch'] == 1                  # one epoch trained: it is the best
+        assert float(ratios_csv[r['task']]['training_over_modules_best_epoch']) == pytest.approx(r['training_over_modules_best_epoch'], rel=1e-9)
+        assert 0 <= r['training_top1'] <= 1 and 0 <= r['modules_top1'] <= 1
+        # the training ran on at most 30 images of each of the task's classes (two classes, or ten for the replacement)
+        assert r['train_images'] == (300 if r['task'] == 'replace (inter)' else 60)
+        assert float(energy[train]['top1']) == r['training_top1'] and float(energy[mods]['top1']) == r['modules_top1']
     for f in ('energy.csv', 'energy.md', 'ratios.csv', 'ratios.md', 'figure6.png'): assert (tmp_path / 'rq3' / f).exists()
