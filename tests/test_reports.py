@@ -60,3 +60,26 @@ def test_cli_run_writes_paths_relative_to_the_repository(tmp_path):
     nb = json.loads(text)
     assert nb['metadata']['papermill']['input_path'] == 'nbs/experiments/train_resnet.ipynb'
     assert nb['metadata']['papermill']['output_path'] == os.path.relpath(out, REPO)
+
+def _literal(s):
+    import ast
+    try: return ast.literal_eval(s)
+    except (ValueError, SyntaxError): return s
+
+def test_executed_introductions_give_the_commands_that_ran():
+    "Where an executed notebook's introduction gives the command that produced it, each `-p NAME VALUE` is what papermill injected."
+    bad, checked = [], 0
+    for f in sorted(REPORTS.rglob('*.ipynb')):
+        nb = json.loads(f.read_text())
+        params = nb['metadata'].get('papermill', {}).get('parameters')
+        if params is None: continue
+        intro = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+        for cmd in intro.split('papermill ')[1:]:
+            src_out = cmd.split()[:2]
+            if len(src_out) < 2 or Path(src_out[1].strip('`')).name != f.name: continue   # an example for another run
+            for k, v in re.findall(r'-p (\w+) (\S+)', cmd):
+                if k not in params: continue
+                checked += 1
+                if _literal(v.rstrip('`.,;)')) != params[k]: bad.append(f'{f.relative_to(REPO)}: -p {k} {v} but it ran with {params[k]!r}')
+    assert checked, 'no executed introduction gives a command'
+    assert not bad, '\n'.join(bad)
