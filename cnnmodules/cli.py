@@ -411,8 +411,10 @@ def _run(a, p):
     out.parent.mkdir(parents=True, exist_ok=True)
     quiet_tensorflow()
     from cnnmodules.data import atomic_path
+    from cnnmodules.experiments import relative_notebook, relative_parameters   # reports hold paths relative to the repository
     with atomic_path(out, suffix='.ipynb') as tmp:
-        papermill.execute_notebook(str(src), str(tmp), parameters=params, cwd=str(d), progress_bar=False)
+        papermill.execute_notebook(str(src), str(tmp), parameters=relative_parameters(params, d, d.parents[1]), cwd=str(d), progress_bar=False)
+        relative_notebook(tmp, d.parents[1], output_path=os.path.relpath(Path(out).resolve(), d.parents[1]))
     print(f'executed {a.experiment} -> {out}')
 
 # %% ../nbs/10_cli.ipynb #0a39f78b

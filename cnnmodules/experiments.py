@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_experiments.ipynb #93f14e97
 from __future__ import annotations
-import contextlib, csv, hashlib, io, json, os, sys, time
+import contextlib, csv, hashlib, io, json, os, re, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,11 @@ import numpy as np
 from .data import Dataset, DatasetError, load_dataset, resize, subset_classes, atomic_path
 
 # %% auto #0
-__all__ = ['TINY_EXTRA', 'EXPERIMENT_DATASETS', 'default_data_dir', 'experiment_data', 'models_root', 'at_most_per_class',
-           'model_key', 'cached_model', 'inference_copy', 'paper_numbers', 'markdown_table', 'write_table',
-           'write_metrics', 'paper_co2e', 'Measured', 'measure']
+__all__ = ['TINY_EXTRA', 'EXPERIMENT_DATASETS', 'SUMMARY_MARK', 'default_data_dir', 'experiment_data', 'models_root',
+           'at_most_per_class', 'model_key', 'cached_model', 'inference_copy', 'paper_numbers', 'markdown_table',
+           'write_table', 'repo_root', 'code_version', 'write_metrics', 'repo_relative', 'relative_parameters',
+           'relative_notebook', 'report_summary', 'fill_summary', 'update_reports_readme', 'paper_co2e', 'Measured',
+           'measure']
 
 # %% ../nbs/14_experiments.ipynb #852c6222
 TINY_EXTRA = {'gorilla': 'n02480855', 'person': 'n10148035'}   # the two classes the motivating example adds (groom stands for person)
@@ -180,12 +182,144 @@ def _plain(o):
     if isinstance(o, Path): return str(o)
     return o
 
+def repo_root() -> Path|None:
+    "The root of the git repository the package was imported from, or None (an installed copy, no git)."
+    import subprocess
+    import cnnmodules
+    here = Path(cnnmodules.__file__).resolve().parents[1]
+    try: top = subprocess.run(['git', '-C', str(here), 'rev-parse', '--show-toplevel'], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError): return None
+    if top.returncode or Path(top.stdout.strip()).resolve() != here: return None   # not a clone of this repository
+    return here
+
+def code_version() -> dict:
+    "The code that produces a result: the package version, the git commit of its clone and whether tracked files differ from it (None when unknown)."
+    import subprocess
+    import cnnmodules
+    rec = {'version': cnnmodules.__version__, 'commit': None, 'dirty': None}
+    root = repo_root()
+    if root is None: return rec
+    git = lambda *a: subprocess.run(['git', '-C', str(root), *a], capture_output=True, text=True, timeout=60)
+    head, status = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no')
+    if head.returncode == 0: rec['commit'] = head.stdout.strip()
+    if status.returncode == 0: rec['dirty'] = bool(status.stdout.strip())
+    return rec
+
 def write_metrics(metrics:dict, out_dir) -> Path:
-    "`out_dir/metrics.json` (numpy values made plain), atomically."
+    "`out_dir/metrics.json` (numpy values made plain, the producing code's version, commit and dirty flag under 'code'), atomically."
     from cnnmodules.models import atomic_write_bytes
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    metrics = {**metrics, 'code': {**code_version(), **metrics.get('code', {})}}
     atomic_write_bytes(out / 'metrics.json', json.dumps(_plain(metrics), indent=1).encode())
     return out / 'metrics.json'
+
+# %% ../nbs/14_experiments.ipynb #7c86e000
+def _prefixes(root:Path, more:dict|None=None) -> list:
+    "(absolute prefix, replacement) pairs, longest first: `root` → '', its parent → '../', the home folder → '~/', and `more`."
+    root = Path(root).resolve()
+    pairs = {str(root) + os.sep: ''}
+    if root.parent != root and str(root.parent) != root.anchor: pairs.setdefault(str(root.parent) + os.sep, '..' + os.sep)
+    pairs.setdefault(str(Path.home()) + os.sep, '~' + os.sep)
+    pairs.update(more or {})
+    return sorted(pairs.items(), key=lambda kv: -len(kv[0]))
+
+def repo_relative(text:str, root=None, more:dict|None=None) -> str:
+    "`text` with absolute paths under the repository `root` (default: `repo_root()`) made relative to it, paths beside it `../`-relative and the home folder `~`."
+    root = root or repo_root() or Path.cwd()
+    for p, r in _prefixes(root, more): text = text.replace(p, r)
+    return text
+
+def relative_parameters(params:dict, cwd, root=None) -> dict:
+    "Papermill parameters with every absolute path inside the repository `root` written relative to the notebook's `cwd` (what the notebook then records)."
+    root = Path(root or repo_root() or Path.cwd()).resolve()
+    def rel(v):
+        if not (isinstance(v, str) and os.path.isabs(v)): return v
+        p = Path(v).resolve()
+        return os.path.relpath(p, Path(cwd).resolve()) if p == root or root in p.parents else v
+    return {k: rel(v) for k, v in params.items()}
+
+def relative_notebook(path,                 # an executed notebook (papermill's output)
+                      root=None,            # the repository root the paths are made relative to (default: `repo_root()`)
+                      more:dict|None=None,  # further {absolute prefix: replacement}, e.g. the roots of other clones that ran it
+                      output_path=None,     # what papermill's metadata should record as the output (e.g. the final name of a temporary file)
+                     ) -> int:
+    "Rewrite every string of the notebook at `path` (sources, outputs, metadata) with `repo_relative`; returns how many strings changed."
+    from cnnmodules.models import atomic_write_bytes
+    path = Path(path)
+    text = path.read_text()
+    nb = json.loads(text)
+    if output_path is not None: nb.setdefault('metadata', {}).setdefault('papermill', {})['output_path'] = str(output_path)
+    changed = 0
+    def walk(o):
+        nonlocal changed
+        if isinstance(o, dict): return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list): return [walk(v) for v in o]
+        if isinstance(o, str):
+            r = repo_relative(o, root, more)
+            changed += r != o
+            return r
+        return o
+    nb = walk(nb)
+    if changed or output_path is not None:
+        atomic_write_bytes(path, (json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + '\n' * text.endswith('\n')).encode())
+    return changed
+
+# %% ../nbs/14_experiments.ipynb #7f1dfd17
+def _span(vals, fmt:str) -> str:
+    "'lo–hi' of `vals` in format `fmt` (one value when they round alike)."
+    lo, hi = format(min(vals), fmt), format(max(vals), fmt)
+    return lo if lo == hi else f'{lo}–{hi}'
+
+def report_summary(reports_dir) -> dict:
+    "The summary figures `reports/README.md` quotes, computed from the CSV and JSON files in `reports_dir`: marker key → text."
+    d, out = Path(reports_dir), {}
+    rows = []
+    for f in sorted((d / 'rq1').glob('*/metrics.json')):
+        m = json.loads(f.read_text())
+        if 'speed' in m: rows.append((m['scale'].get('row') or f.parent.name, m['scale'].get('compose_mode'), m['speed']))
+    t1 = d / 'rq1' / 'table1.csv'
+    tr = list(csv.DictReader(io.StringIO(t1.read_text()))) if t1.exists() else []
+    by_time = {round(float(r['decompose_s']), 6): r['row'] for r in tr}
+    rows = [(by_time.get(round(s['decompose_s'], 6), n), mode, s) for n, mode, s in rows]   # runs that predate the `row` record: their row in table1.csv
+    if rows:
+        sp = [s for _, _, s in rows]
+        out['rq1.rows'] = str(len(rows))
+        out['rq1.decompose_vs_predict'] = _span([s['ratio'] for s in sp], '.2f')
+        out['rq1.fused_vs_predict'] = _span([s['fused_vs_predict'] for s in sp], '.2f')
+        out['rq1.literal_vs_batched'] = _span([s['literal_vs_batched'] for s in sp], '.0f')
+        out['rq1.literal_equals_batched'] = 'identical' if all(s['literal_equals_batched'] for s in sp) else 'NOT identical'
+        modes = {}
+        for name, mode, s in rows: modes.setdefault(mode, []).append((name, s['exact_vs_predict']))
+        parts = [f"{_span([v for _, v in rs], '.1f')} in `{mode}` mode ({', '.join(n for n, _ in rs)})" for mode, rs in modes.items() if mode]
+        if None in modes: parts += [f"{_span([v for _, v in modes[None]], '.1f')} on {', '.join(n for n, _ in modes[None])}, whose run did not record its mode"]
+        out['rq1.compose_vs_predict'] = '; '.join(parts)
+    if tr:
+        out['rq1.ji_positional'] = _span([float(r['bln_ji']) for r in tr], '.3f')
+        out['rq1.nodes_kept'] = _span([100 * float(r['nodes_kept_bln']) for r in tr], '.0f') + '%'
+        for r in tr: out[f"rq1.{r['row']}.compose"] = r['compose']
+    for f in sorted((d / 'models').glob('*.json')):
+        m = json.loads(f.read_text())
+        if m.get('seconds_this_call') and m.get('epochs_this_call'):
+            out[f'models.{f.stem}.call'] = f"{m['seconds_this_call']:.0f} s for {m['epochs_this_call']} epoch{'s' * (m['epochs_this_call'] > 1)}"
+            out[f'models.{f.stem}.epoch_min'] = f"{m['seconds_this_call'] / m['epochs_this_call'] / 60:.1f}"
+    return out
+
+SUMMARY_MARK = re.compile(r'<!-- summary:(?P<key>[\w.+-]+) -->(?P<val>.*?)<!-- /summary -->')
+
+def fill_summary(text:str, summary:dict) -> str:
+    "`text` with the value between each `<!-- summary:KEY -->` and `<!-- /summary -->` replaced by `summary[KEY]` (an unknown key is an error)."
+    missing = sorted({m['key'] for m in SUMMARY_MARK.finditer(text)} - set(summary))
+    if missing: raise KeyError(f'no summary figure for {missing}: the files they come from are missing')
+    return SUMMARY_MARK.sub(lambda m: f"<!-- summary:{m['key']} -->{summary[m['key']]}<!-- /summary -->", text)
+
+def update_reports_readme(reports_dir) -> bool:
+    "Rewrite the summary figures of `reports_dir/README.md` from the files beside it; True when something changed."
+    from cnnmodules.models import atomic_write_bytes
+    f = Path(reports_dir) / 'README.md'
+    old = f.read_text()
+    new = fill_summary(old, report_summary(reports_dir))
+    if new != old: atomic_write_bytes(f, new.encode())
+    return new != old
 
 # %% ../nbs/14_experiments.ipynb #e3c5fc79
 def paper_co2e(seconds:float,           # wall time of the work

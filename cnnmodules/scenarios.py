@@ -151,7 +151,7 @@ def removal_report(ms:ModuleSet, classes, x, y) -> dict:
 
 # %% ../nbs/11_scenarios.ipynb #26008dc1
 def model_margins(model, x, batch_size:int=256) -> np.ndarray:
-    "(n, N) margins z_c − mean of the other logits of `model`: what full-keep modules of it would vote with (DESIGN.md item 6)."
+    "(n, N) margins z_c − mean of the other logits of `model`: what full-keep modules of it would vote with (design decision 9)."
     z = model_logits(model, x, batch_size)
     N = z.shape[1]
     return (N * z - z.sum(1, keepdims=True)) / (N - 1)
@@ -272,7 +272,7 @@ def _refit_head(mod, pos, neg, C, batch_size):
 def update(ms:ModuleSet,            # the modules to update
            foreign,                 # inputs of classes the modules never saw: one array for all modules, or one per module (None: none)
            x=None, y=None,          # the set's own training inputs, labels = positions in `ms` (needed by the head re-fit)
-           method:str='head',       # 'head' (logistic re-fit of the 2-unit head; measured better), 'tangling' (§3.5, DESIGN.md item 7) or 'both'
+           method:str='head',       # 'head' (logistic re-fit of the 2-unit head; measured better), 'tangling' (§3.5, design decision 11) or 'both'
            C:float=1.0,             # inverse regularisation strength of the head re-fit
            batch_size:int=256,
           ) -> ModuleSet:

@@ -80,3 +80,47 @@ def test_runtime_dependencies_cover_runtime_imports():
                 found.add((f.name, names.get(top, top).lower()))
     missing = sorted((f, p) for f, p in found if p not in req)
     assert not missing, f'imported at run time but not in settings.ini requirements: {missing}'
+
+# ---------------------------------------------------------------- everything a reader follows is in the repository
+TEXT_SUFFIXES = {'.ipynb', '.py', '.md', '.csv', '.json', '.txt', '.ini', '.cfg', '.toml', '.yml', '.yaml', '.sh'}
+OUTSIDE_DOCS = ('DESIGN' + '.md', 'paper' + '.txt')   # documents that lived beside the repository, never in it
+ABSOLUTE_HOME_OR_WORK = r'(?<![\w.~-])/(?:work|home|root|Users)/'
+
+def product_files(*tops):
+    "Text files of the product under the repository folders or files `tops`."
+    for top in tops:
+        p = REPO / top
+        files = [p] if p.is_file() else sorted(f for f in p.rglob('*') if f.is_file())
+        for f in files:
+            if f.suffix in TEXT_SUFFIXES and '.ipynb_checkpoints' not in f.parts and '__pycache__' not in f.parts: yield f
+
+def test_no_reference_to_documents_outside_the_repository():
+    "No product file cites the design notes or the paper's text that lived outside the repository (the design is nbs/design.ipynb)."
+    hits = [f'{f.relative_to(REPO)}: {d}' for f in product_files('nbs', 'cnnmodules', 'tests', 'reports', 'README.md')
+            for d in OUTSIDE_DOCS if d in f.read_text(errors='replace')]
+    assert not hits, 'references to documents outside the repository:\n' + '\n'.join(hits)
+
+def test_design_decisions_cited_exist():
+    "Every 'design decision N' a product file cites is a numbered section of nbs/design.ipynb."
+    import json, re
+    design = '\n'.join(''.join(c['source']) for c in json.loads((REPO / 'nbs' / 'design.ipynb').read_text())['cells'])
+    numbers = {int(n) for n in re.findall(r'^## (\d+)\. ', design, re.M)}
+    assert numbers == set(range(1, len(numbers) + 1)) and numbers, 'design decisions must be numbered 1..N'
+    cited = {(str(f.relative_to(REPO)), int(n)) for f in product_files('nbs', 'cnnmodules', 'tests', 'README.md')
+             for n in re.findall(r'[Dd]esign decisions? (\d+)', f.read_text(errors='replace'))}
+    assert cited, 'no notebook cites a design decision'
+    bad = sorted(c for c in cited if c[1] not in numbers)
+    assert not bad, f'cited design decisions that nbs/design.ipynb does not have: {bad}'
+
+def _source_text(f):
+    "A file's text; for a notebook, its cells' sources (what its authors wrote; outputs are what a run printed)."
+    import json
+    if f.suffix != '.ipynb': return f.read_text(errors='replace')
+    return '\n'.join(''.join(c['source']) for c in json.loads(f.read_text())['cells'])
+
+def test_no_absolute_paths_of_a_machine_in_the_product():
+    "No notebook source, library file, test or README names a home or work folder of some machine (reports: tests/test_reports.py)."
+    import re
+    hits = [f'{f.relative_to(REPO)}:{i}: {line.strip()[:120]}' for f in product_files('nbs', 'cnnmodules', 'tests', 'README.md')
+            for i, line in enumerate(_source_text(f).splitlines(), 1) if re.search(ABSOLUTE_HOME_OR_WORK, line)]
+    assert not hits, 'absolute paths of a machine:\n' + '\n'.join(hits[:20])

@@ -64,7 +64,7 @@ def test_per_parent_calibration_changes_no_prediction_of_one_parent(tiny):
     np.testing.assert_allclose(c[2].head_kernel * t, ms[2].head_kernel, rtol=1e-5)
 
 def test_full_keep_modules_patch_and_reverify_reproduce_the_model(tiny):
-    "DESIGN.md item 6: modules that keep every node vote as their parent; a patch or a re-verification by them changes nothing."
+    "Design decision 9 (nbs/design.ipynb): modules that keep every node vote as their parent; a patch or a re-verification by them changes nothing."
     m, x, y = tiny
     ms = full_keep(m, x, y)
     top = model_logits(m, x).argmax(1)
