@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from .graph import DecompositionError, forward, graph_of, model_input
+from .graph import DecompositionError, forward, graph_of, model_input, check_data, check_finite, warn_input_range, graph_function
 from .models import topk_accuracy
 from .jaccard import jaccard as jaccard_index
 if TYPE_CHECKING: from cnnmodules.modules import ModuleSet   # annotations only: `modules` imports this module
@@ -43,19 +43,19 @@ def _group_by_parent(ms):
     return groups
 
 def _score_fn(g, kind):
-    "A `tf.function` of graph `g`, built once per graph and kind: 'full' → (B, M, 2) masked logits; 'probe' → parent-head logits (B, M, 2) and dirty pairs (B, M); 'rows' → (R, 2) masked logits of (input, module) pairs."
+    "A `tf.function` of graph `g` (`graph_function`: its own trace count), built once per graph and kind: 'full' → (B, M, 2) masked logits; 'probe' → parent-head logits (B, M, 2) and dirty pairs (B, M); 'rows' → (R, 2) masked logits of (input, module) pairs."
     import tensorflow as tf
     cache = g.__dict__.setdefault('_score_fns', {})
     if kind not in cache:
         if kind == 'full':
-            @tf.function(reduce_retracing=True)
+            @graph_function
             def f(xb, masks, hk, hb):
                 M = tf.shape(hk)[0]
                 h = forward(g, xb, masks, n_modules=M)
                 h = tf.reshape(h, [M, tf.shape(xb)[0], -1])
                 return tf.einsum('mbd,mdk->bmk', h, hk) + hb[None]
         elif kind == 'probe':
-            @tf.function(reduce_retracing=True)
+            @graph_function
             def f(xb, removed, hk, hb):
                 h, nodes = forward(g, xb, collect='both')
                 dirty = 0.
@@ -64,12 +64,12 @@ def _score_fn(g, kind):
                     dirty += tf.matmul(nz, r, transpose_b=True)
                 return tf.einsum('bd,mdk->bmk', h, hk) + hb[None], dirty > 0
         elif kind == 'rows':
-            @tf.function(reduce_retracing=True)
+            @graph_function
             def f(xb, pb, pm, masks, hk, hb):
                 h = forward(g, tf.gather(xb, pb), [tf.gather(m, pm) for m in masks], row_masks=True)
                 return tf.einsum('rd,rdk->rk', h, tf.gather(hk, pm)) + tf.gather(hb, pm)
         elif kind == 'fused':
-            @tf.function(reduce_retracing=True)
+            @graph_function
             def f(xb, masks, hk, hb):
                 return tf.einsum('bd,mdk->bmk', forward(g, xb), hk) + hb[None]
         else: raise DecompositionError(f"unknown scoring function {kind!r}")
@@ -164,9 +164,11 @@ def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:
 # %% ../nbs/08_compose.ipynb #9920f432
 def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False, k:int=10) -> dict:
     "Top-1 (voting) and top-5 (by p_concerned) accuracy of the composed modules on (x, y); labels are positions in `ms`."
-    y = np.asarray(y).astype('int64')
-    if len(y) != len(x): raise DecompositionError(f'{len(x)} inputs but {len(y)} labels')
-    if len(y) and (y.min() < 0 or y.max() >= len(ms)): raise DecompositionError(f'labels must be 0..{len(ms) - 1} (positions in the module set); found {y.min()}..{y.max()}')
+    x, y = check_data(x, y, ms.input_shape, len(ms), expects='the modules expect', labels='(positions in the module set)',
+                      purpose='evaluate needs test inputs')   # the checks `decompose` makes (02_graph)
+    check_finite(x)
+    for g in {id(m.parent): m.graph for m in ms}.values(): warn_input_range(g, x)
+    y = y.astype('int64')
     stats = {}
     z = module_logits(ms, x, mode, batch_size, progress=progress, k=k, stats=stats)
     margin = z[..., 0] - z[..., 1]

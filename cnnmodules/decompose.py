@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 import cnnmodules
-from .graph import DecompositionError, model_hash, graph_of
+from .graph import DecompositionError, model_hash, graph_of, as_model, check_data, check_finite, warn_input_range
 from .concern import sample_inputs, activation_counts, kept_nodes
 from .modularize import modularize
 from .modules import Module, ModuleSet
@@ -62,24 +62,8 @@ def check_decompose_args(graph,                 # the model's `LayerGraph` (from
         if bad: raise DecompositionError(f'classes {bad} are not classes of this {N}-class model (expected indices 0..{N - 1})')
         if len(set(int(c) for c in classes)) != len(classes): raise DecompositionError(f'classes has duplicates: {[int(c) for c in classes]}')
     cls = list(range(N)) if classes is None else [int(c) for c in classes]
-    # the data
-    x, y = np.asarray(x), np.asarray(y)
-    if x.dtype.kind not in 'uif': raise DecompositionError(f'x must be a numeric array of inputs; got dtype {x.dtype}')
-    if tuple(x.shape[1:]) != tuple(graph.input_shape):
-        raise DecompositionError(f'x: inputs have shape {tuple(x.shape[1:])} but the model expects {tuple(graph.input_shape)}')
-    if len(x) == 0: raise DecompositionError('x is empty: decompose needs training inputs')
-    if y.ndim == 2 and y.shape[1] > 1:
-        raise DecompositionError(f'y must be integer class labels of shape (n,); got shape {y.shape} (one-hot? pass y.argmax(1))')
-    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1) or y.ndim == 0:
-        raise DecompositionError(f'y must be integer class labels of shape (n,); got shape {y.shape}')
-    y = y.reshape(-1)
-    if len(x) != len(y): raise DecompositionError(f'x and y must have the same length; got {len(x)} inputs but {len(y)} labels')
-    if y.dtype.kind not in 'uif': raise DecompositionError(f'y must be integer class labels; got dtype {y.dtype}')
-    if y.dtype.kind == 'f':
-        frac = ~np.isfinite(y) | (y != np.round(y))
-        if frac.any(): raise DecompositionError(f'y must be integer class labels; found {float(y[frac][0])} at position {int(np.flatnonzero(frac)[0])}')
-    if y.min() < 0 or y.max() >= N:
-        raise DecompositionError(f'y: labels must be in 0..{N - 1} for this {N}-class model; found {y.min():g}..{y.max():g}')
+    # the data (checks shared with `ModuleSet.evaluate`: 02_graph)
+    x, y = check_data(x, y, graph.input_shape, N)
     per_class = np.bincount(y.astype('int64'), minlength=N)
     names = list(class_names) if class_names is not None else None
     def name(c): return f"class {c}" + (f" ('{names[c]}')" if names is not None and str(names[c]) != str(c) else '')
@@ -94,13 +78,8 @@ def check_decompose_args(graph,                 # the model's `LayerGraph` (from
         if per_class[c] < need:
             raise DecompositionError(f'{name(c)} has {per_class[c]} training inputs but {need} are needed as {role} '
                                      f'(n_concerned={E}, N={N}); lower n_concerned or pass more data')
-    if x.dtype.kind == 'f':   # integer inputs cannot be NaN; floats are checked in chunks to bound memory
-        flat = x.reshape(len(x), -1)
-        for i in range(0, len(x), 4096):
-            bad = ~np.isfinite(flat[i:i + 4096]).all(1)
-            if bad.any():
-                n_bad = int(sum((~np.isfinite(flat[j:j + 4096])).any(1).sum() for j in range(i, len(x), 4096)))
-                raise DecompositionError(f'x has {n_bad} inputs with NaN or infinite values, the first at index {i + int(np.flatnonzero(bad)[0])}')
+    check_finite(x)
+
 
 # %% ../nbs/09_decompose.ipynb #f88a9fa5
 def _kept_after_ci(counts, min_rate:float=0.0) -> list:
@@ -108,7 +87,7 @@ def _kept_after_ci(counts, min_rate:float=0.0) -> list:
     cls, E = counts.sample.classes, counts.sample.n_concerned
     return [int(v) for v in sum(((c[cls] > 0) & (c[cls] >= min_rate * E)).reshape(len(cls), -1).sum(1, dtype=np.int64) for c in counts.concerned)]
 
-def decompose(model,                       # a trained Keras classifier (functional or Sequential)
+def decompose(model,                       # a trained Keras classifier (functional or Sequential), or the path of its .keras file
               x, y,                        # training inputs and integer labels
               *, n_concerned:int|None=None, # E: concerned inputs per module (None: min(1000, smallest class))
               steps=('ci', 'ti', 'mc', 'blc'),
@@ -130,10 +109,12 @@ def decompose(model,                       # a trained Keras classifier (functio
              ) -> ModuleSet:
     "Decompose `model` into one module per class (a `ModuleSet`, position i = class `classes[i]`)."
     t0 = time.perf_counter()
+    model = as_model(model)
     g = graph_of(model, linear_nodes)
     N = g.num_classes
     check_decompose_args(g, x, y, n_concerned, classes, delta, steps, seed=seed, batch_size=batch_size, class_names=class_names)
     check_compact_args(min_rate, granularity, refit_head, mask_sparsity, mask_steps, mask_batch)
+    warn_input_range(g, x)
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     names = list(class_names) if class_names is not None else [str(i) for i in range(N)]
     cls = list(range(N)) if classes is None else [int(c) for c in classes]

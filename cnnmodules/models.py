@@ -173,6 +173,11 @@ def _pipeline(x, y, batch_size, dtype, augment, seed, deterministic):
     opts = tf.data.Options(); opts.deterministic = bool(deterministic)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
+def _validation(x, y, batch_size):
+    "The validation split as a batched `tf.data` dataset: no `map` for op determinism to rewrite (see the decision above)."
+    import tensorflow as tf
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
 def _op_determinism(on=None):
     "TensorFlow's process-wide op-determinism switch: its state, after setting it to `on` (when given)."
     from tensorflow.python.framework import config as tfc   # `is_`/`disable_op_determinism` are not in `tf.config`'s public API
@@ -210,7 +215,7 @@ def train(model:keras.Model,            # a compiled or uncompiled classifier wi
         tr, va = train_val_split(len(data.x_train), val_fraction, seed)
         x, y, dtype = np.asarray(data.x_train), np.asarray(data.y_train).astype('int64'), _input_dtype(model)
         ds = _pipeline(x[tr], y[tr], batch_size, dtype, augment, seed, deterministic)
-        val = (model_input(x[va], dtype), y[va]) if len(va) else None
+        val = _validation(model_input(x[va], dtype), y[va], batch_size) if len(va) else None
         cbs, best = [], None
         if checkpoint_dir is not None:
             checkpoint_dir = Path(checkpoint_dir); checkpoint_dir.mkdir(parents=True, exist_ok=True)

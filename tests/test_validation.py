@@ -139,3 +139,68 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, 'README.md', 'exec'), ns)
     assert len(ns['modules']) == 10
     assert (tmp_path / 'three.keras').is_file() and (tmp_path / 'digits.cnnm').is_file()
+
+
+# --- evaluate checks x and y as decompose does (issue 14 §6.1) -----------------------------------------
+
+import cnnmodules.compose as comp
+
+@pytest.fixture(scope='module')
+def every_node(model):
+    "Ten modules of the untrained CNN that keep every node (built by hand: no decomposition runs)."
+    from cnnmodules.modules import Module, ModuleSet
+    from cnnmodules.graph import graph_of
+    from cnnmodules.modularize import channel_head
+    g = graph_of(model); hk, hb = channel_head(*model.layers[-1].get_weights(), range(10))
+    return ModuleSet([Module(c, str(c), [np.ones(s, bool) for s in g.node_shapes], hk[c], hb[c], np.ones(hk.shape[1], bool), model) for c in range(10)])
+
+@pytest.fixture
+def no_composition(monkeypatch):
+    "Any scoring of inputs by the modules fails the test with WorkStarted."
+    def boom(*a, **k): raise WorkStarted()
+    monkeypatch.setattr(comp, 'module_logits', boom)
+
+DATA_CASES = [c for c in CASES if c[0] in ('label -1', 'label 10', 'label 3.7', 'label nan', 'string labels', 'one-hot labels', 'NaN input',
+                                            'inf input', 'len(x) != len(y)', 'wrong input shape', 'missing channel axis', 'empty x')]
+NONE_CASES = [('x None', lambda d: (None, d.y_train, {}), 'x', 'x must be a numeric array'),
+              ('y None', lambda d: (d.x_train, None, {}), 'y', 'y must be integer class labels of shape (n,)')]
+
+@pytest.mark.parametrize('make,arg,expected', [c[1:] for c in DATA_CASES + NONE_CASES], ids=[c[0] for c in DATA_CASES + NONE_CASES])
+def test_evaluate_refuses_what_decompose_refuses(digits, model, every_node, no_composition, make, arg, expected):
+    "The same bad x or y gives decompose and ModuleSet.evaluate the same error (the modules' shape and label range in its words), before any scoring."
+    x, y, _ = make(digits)
+    errors = []
+    for run in (lambda: decompose(model, x, y, progress=False), lambda: every_node.evaluate(x, y)):
+        with pytest.raises(DecompositionError) as e: run()
+        errors.append(str(e.value))
+    dec_msg, ev_msg = errors
+    assert re.search(rf'(^|\W){re.escape(arg)}\W', ev_msg), f'message does not name {arg!r}: {ev_msg}'
+    assert expected.replace('the model expects', 'the modules expect') in ev_msg, ev_msg
+    common = lambda m: re.sub(r'(for this 10-class model|\(positions in the module set\)|the model expects|the modules expect|: \w+ needs \w+ inputs)', '', m)
+    assert common(dec_msg) == common(ev_msg), (dec_msg, ev_msg)
+
+def test_evaluate_accepts_what_decompose_accepts(digits, every_node, no_composition):
+    "Integer-valued float labels, a (n, 1) column and uint8 inputs get as far as the scoring."
+    for y in (digits.y_test.astype('float32'), digits.y_test[:, None], digits.y_test.astype('uint8')):
+        with pytest.raises(WorkStarted): every_node.evaluate(digits.x_test, y)
+
+
+# --- inputs already divided by 255 (issue 14 §6.2) -----------------------------------------------------
+
+def _range_warnings(run):
+    import warnings
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        try: run()
+        except WorkStarted: pass
+    return [w for w in ws if 'Rescaling' in str(w.message)]
+
+def test_rescaled_inputs_draw_one_warning(digits, model, every_node, no_composition):
+    "A model that begins with Rescaling(1/255) given inputs already in [0, 1]: one one-line warning from decompose and from evaluate; raw pixels (uint8 or float) none."
+    x01 = digits.x_train / 255.0
+    for run in (lambda: decompose(model, x01, digits.y_train, progress=False), lambda: every_node.evaluate(digits.x_test / 255.0, digits.y_test)):
+        ws = _range_warnings(run)
+        assert len(ws) == 1 and '\n' not in str(ws[0].message) and 'already divided by 255' in str(ws[0].message), [str(w.message) for w in ws]
+    for x in (digits.x_train, digits.x_train.astype('float32')):
+        assert _range_warnings(lambda: decompose(model, x, digits.y_train, progress=False)) == []
+        assert _range_warnings(lambda: every_node.evaluate(x[:50], digits.y_train[:50])) == []
