@@ -207,7 +207,7 @@ def fit_calibration(margin,              # margins of (input, module) pairs, any
                     ridge:float=1e-3,    # L2 weight on the standardized scale (per pair): keeps separable data finite
                    ) -> tuple:
     "(a, b) of p = σ(a·margin + b) by maximum likelihood (Newton), the intercept unpenalized; a `DecompositionError` unless a > 0."
-    from scipy.special import expit
+    def expit(z): return 0.5 * (1 + np.tanh(z / 2))   # σ without overflow
     m, t = np.asarray(margin, 'float64').ravel(), np.asarray(target, bool).ravel().astype('float64')
     if m.shape != t.shape: raise DecompositionError(f'{m.size} margins but {t.size} targets')
     if not np.isfinite(m).all(): raise DecompositionError('margins must be finite to fit a calibration')
