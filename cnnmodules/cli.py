@@ -15,7 +15,7 @@ import cnnmodules
 # %% auto #0
 __all__ = ['positive_int', 'non_negative_int', 'SUBCOMMANDS', 'cache_dir', 'demo_name', 'demo_model', 'resolve_out', 'demo',
            'quiet_tensorflow', 'split_spec', 'load_data', 'load_set', 'load_model', 'choose_model', 'experiments_dir',
-           'Subcommand', 'parser', 'main']
+           'calibrate_on', 'Subcommand', 'parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #498ada4e
 def cache_dir() -> Path:
@@ -276,6 +276,7 @@ def _evaluate_args(p):
                    help="test data; a set's modules are matched to classes by name, so give --data once per source dataset")
     p.add_argument('--classes', type=_class_list, default=None, help='only these classes (set: positions or names; model: dataset classes)')
     p.add_argument('--mode', choices=('exact', 'fused'), default='exact', help='composition mode for a module set (default exact)')
+    p.add_argument('--vote', choices=('calibrated', 'paper'), default='calibrated', help="a set's vote: calibrated probabilities (default) or the paper's raw margins")
     p.add_argument('--json', action='store_true', help='print one JSON object (top1, top5, n, ...) instead of text')
 
 def _evaluate(a, p):
@@ -293,7 +294,7 @@ def _evaluate(a, p):
         from cnnmodules.scenarios import module_dataset
         ms = load_set((path, sel))
         d = module_dataset(ms, *[load_data(s) for s in a.data])
-        r = ms.evaluate(d.x_test, d.y_test, mode=a.mode)
+        r = ms.evaluate(d.x_test, d.y_test, mode=a.mode, vote=a.vote)
         out = {'kind': 'modules', **r, 'classes': [str(c) for c in ms.class_names], 'parents': [p.name for p in ms.parents()]}
     else:
         from cnnmodules.data import _class_indices
@@ -313,12 +314,14 @@ def _evaluate(a, p):
 def _compose_args(p):
     p.add_argument('sets', type=_existing_file('module set'), nargs='+', metavar='SET.cnnm[:classes]', help='module sets, each optionally with the classes to take (positions or names)')
     p.add_argument('--out', type=_out_arg, required=True, metavar='NEW.cnnm', help='where to save the composed set')
+    _calibrate_on_args(p)
 
 def _compose(a, p):
     quiet_tensorflow()
     from cnnmodules.modules import ModuleSet
     parts = [load_set(s) for s in a.sets]
     ms = ModuleSet([m for part in parts for m in part], name=' + '.join(filter(None, (p.name for p in parts))) or None)
+    ms = calibrate_on(ms, a)
     ms.save(a.out)
     print(f"{len(ms)} modules ({', '.join(map(str, ms.class_names))}) of {len(ms.parents())} parent(s)\nmodule set saved to {a.out}")
 
@@ -328,6 +331,7 @@ def _replace_args(p):
     p.add_argument('--with', dest='other', type=_existing_file('module set'), required=True, metavar="OTHER.cnnm[:K']",
                    help="where the new module comes from; K' (position or name) defaults to the class named like K")
     p.add_argument('--out', type=_out_arg, required=True, metavar='NEW.cnnm', help='where to save the new set')
+    _calibrate_on_args(p)
 
 def _replace(a, p):
     quiet_tensorflow()
@@ -337,7 +341,7 @@ def _replace(a, p):
     k = positions(ms, int(a.k) if a.k.lstrip('-').isdigit() else a.k)[0]
     src = a.other[1] if a.other[1] is not None else [str(ms[k].class_name)]
     if len(src) != 1: raise DecompositionError(f"--with: name one module of {a.other[0]}; got {src}")
-    new = ms.replace(k, other[positions(other, src)[0]])
+    new = calibrate_on(ms.replace(k, other[positions(other, src)[0]]), a)
     new.save(a.out)
     f = new[k].provenance['replaced_from']
     print(f"position {k} ({ms[k].class_name}) now holds class {f['class_name']!r} of {f['parent_name']} ({f['dataset']})\nmodule set saved to {a.out}")
@@ -352,6 +356,7 @@ def _update_args(p):
     p.add_argument('--per-class', type=positive_int, default=200, metavar='N', help='training images per class used, at most (default 200)')
     p.add_argument('--seed', type=non_negative_int, default=0, help='seed of the per-class sampling (default 0)')
     p.add_argument('--out', type=_out_arg, required=True, metavar='NEW.cnnm', help='where to save the updated set')
+    _calibrate_on_args(p, per_class=False)
 
 def _sample(d, n, seed):
     "Up to `n` training images per class of dataset `d`, seeded."
@@ -371,7 +376,7 @@ def _update(a, p):
         if any(n is None for n, _ in own): raise DecompositionError('the modules record no dataset: give their training data with --data')
         d = module_dataset(ms, *[load_data(s) for s in own])
         x, y = _sample(d, a.per_class, a.seed)
-    new = update(ms, fx, x, y, method=a.method)
+    new = calibrate_on(update(ms, fx, x, y, method=a.method), a)
     new.save(a.out)
     print(f'{len(new)} modules updated ({a.method}) with {len(fx)} foreign inputs\nmodule set saved to {a.out}')
 
@@ -416,6 +421,26 @@ def _run(a, p):
         papermill.execute_notebook(str(src), str(tmp), parameters=relative_parameters(params, d, d.parents[1]), cwd=str(d), progress_bar=False)
         relative_notebook(tmp, d.parents[1], output_path=os.path.relpath(Path(out).resolve(), d.parents[1]))
     print(f'executed {a.experiment} -> {out}')
+
+# %% ../nbs/10_cli.ipynb #c10a1b02
+def _calibrate_on_args(p, per_class:bool=True):
+    "The `--calibrate-on DATA` option (and `--per-class`, `--seed` unless the command has them)."
+    p.add_argument('--calibrate-on', type=_spec('DATA'), action='append', default=None, metavar='DATA[:classes]',
+                   help="re-fit the vote's calibration (one map per parent) on DATA's training images of the set's classes; may be repeated")
+    if per_class:
+        p.add_argument('--per-class', type=positive_int, default=200, metavar='N', help='with --calibrate-on: training images per class used, at most (default 200)')
+        p.add_argument('--seed', type=non_negative_int, default=0, help='with --calibrate-on: seed of the per-class sampling (default 0)')
+
+def calibrate_on(ms, a):
+    "`ms`, re-calibrated per parent on the data of `a.calibrate_on` (parsed `DATA[:classes]` specs) when given."
+    if not getattr(a, 'calibrate_on', None): return ms
+    from cnnmodules.scenarios import module_dataset
+    from cnnmodules.compose import calibrate
+    d = module_dataset(ms, *[load_data(s) for s in a.calibrate_on])
+    x, y = _sample(d, a.per_class, a.seed)
+    out = calibrate(ms, x, y, source=d.name)
+    print(f'vote calibration re-fitted on {len(y)} training images of {d.name} ({len(out.parents())} parent map(s))')
+    return out
 
 # %% ../nbs/10_cli.ipynb #0a39f78b
 def _demo_args(d):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
+import dataclasses, hashlib, warnings
 
 from .graph import DecompositionError, forward, graph_of, model_input, check_data, check_finite, warn_input_range, graph_function
 from .models import topk_accuracy
@@ -14,7 +15,9 @@ from .jaccard import jaccard as jaccard_index
 if TYPE_CHECKING: from cnnmodules.modules import ModuleSet   # annotations only: `modules` imports this module
 
 # %% auto #0
-__all__ = ['MODES', 'DIRTY_SWITCH', 'vote', 'vote_margin', 'module_logits', 'module_scores', 'evaluate_modules']
+__all__ = ['MODES', 'DIRTY_SWITCH', 'VOTES', 'vote', 'vote_margin', 'module_logits', 'module_scores', 'head_digest',
+           'calibration_of', 'calibration_record', 'calibrated_margins', 'compose_vote', 'fit_calibration', 'calibrate',
+           'evaluate_modules']
 
 # %% ../nbs/08_compose.ipynb #f51d2a50
 def vote(pc:np.ndarray, # (n, M) p_concerned
@@ -155,15 +158,120 @@ def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:
             z[:, idx] = _group_logits([ms.modules[i] for i in idx], x, mode, batch_size, budget, k, stats, bar)
     return z
 
-def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False, k:int=10):
-    "(p_concerned, p_unconcerned), each (n, len(ms)), for inputs `x`."
+def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False, k:int=10,
+                  vote:str='calibrated'):
+    "(p_concerned, p_unconcerned), each (n, len(ms)), for inputs `x`: p_concerned = σ(a·margin + b), each module's calibration (`vote='paper'`: σ(margin))."
     z = module_logits(ms, x, mode, batch_size, budget, progress, k)
-    half = (z[..., 0] - z[..., 1]) / 2       # softmax over two logits, written without overflow
+    half = calibrated_margins(ms, z[..., 0] - z[..., 1], vote) / 2       # softmax over two logits, written without overflow
     return 0.5 * (1 + np.tanh(half)), 0.5 * (1 - np.tanh(half))
 
+# %% ../nbs/08_compose.ipynb #c5a1b0d2
+VOTES = ('calibrated', 'paper')
+
+def head_digest(m) -> str:
+    "A short digest of module `m`'s effective head (kernel × kept inputs, bias): what a calibration was fitted for."
+    h = hashlib.sha1(np.ascontiguousarray(np.asarray(m.head_kernel, 'float64') * np.asarray(m.head_keep, bool)[:, None]).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(m.head_bias, 'float64')).tobytes())
+    return h.hexdigest()[:16]
+
+def calibration_of(m) -> tuple:
+    "(a, b) of module `m`: p_concerned = σ(a·margin + b); (1, 0) when it has no calibration or its head changed since."
+    c = getattr(m, 'calibration', None)
+    if not c or c.get('head') != head_digest(m): return 1.0, 0.0
+    return float(c['a']), float(c['b'])
+
+def calibration_record(m, a:float, b:float, **info) -> dict:
+    "The `calibration` a module carries: its map and the digest of the head it was fitted for (plus how it was fitted)."
+    return {'a': float(a), 'b': float(b), 'head': head_digest(m), **info}
+
+def _check_vote(vote):
+    if vote not in VOTES: raise DecompositionError(f"vote must be one of {VOTES}; got {vote!r}")
+
+def calibrated_margins(ms:ModuleSet, margin:np.ndarray, vote:str='calibrated') -> np.ndarray:
+    "(n, M) what the vote compares: a_i·margin_i + b_i per module ('calibrated'), or the raw margins ('paper')."
+    _check_vote(vote)
+    margin = np.asarray(margin, 'float64')
+    if vote == 'paper': return margin
+    ab = np.array([calibration_of(m) for m in ms.modules]).reshape(-1, 2)
+    return margin * ab[:, 0] + ab[:, 1]
+
+def compose_vote(ms:ModuleSet, margin:np.ndarray, vote:str='calibrated') -> np.ndarray:
+    "(n,) the position the vote picks from raw margins (n, M): on calibrated margins, or on the raw ones when every module has the same map (same order, no rounding ties)."
+    _check_vote(vote)
+    ab = np.array([calibration_of(m) for m in ms.modules]).reshape(-1, 2)
+    same = (ab == ab[:1]).all() and ab[0, 0] > 0
+    return vote_margin(np.asarray(margin, 'float64') if vote == 'paper' or same else calibrated_margins(ms, margin, vote))
+
+def fit_calibration(margin,              # margins of (input, module) pairs, any shape
+                    target,              # same shape: True where the input is of the module's class
+                    ridge:float=1e-3,    # L2 weight on the standardized scale (per pair): keeps separable data finite
+                   ) -> tuple:
+    "(a, b) of p = σ(a·margin + b) by maximum likelihood (Newton), the intercept unpenalized; a `DecompositionError` unless a > 0."
+    def expit(z): return 0.5 * (1 + np.tanh(z / 2))   # σ without overflow
+    m, t = np.asarray(margin, 'float64').ravel(), np.asarray(target, bool).ravel().astype('float64')
+    if m.shape != t.shape: raise DecompositionError(f'{m.size} margins but {t.size} targets')
+    if not np.isfinite(m).all(): raise DecompositionError('margins must be finite to fit a calibration')
+    if t.all() or not t.any(): raise DecompositionError(f'a calibration needs inputs of the modules\' classes and of other classes; got {int(t.sum())} of {t.size} pairs positive')
+    mu, sd = m.mean(), m.std()
+    if not sd > 1e-12 * max(1.0, abs(mu)): raise DecompositionError('the margins do not separate the classes: they are all equal (fitted scale 0)')
+    X = np.stack([(m - mu) / sd, np.ones_like(m)], 1)
+    n, r = len(m), ridge * len(m)
+    def loss(th): z = X @ th; return np.logaddexp(0, z).sum() - t @ z + r * th[0] ** 2 / 2
+    th = np.array([0.0, np.log(t.mean() / (1 - t.mean()))]); f = loss(th)
+    for _ in range(100):
+        p = expit(X @ th)
+        g = X.T @ (p - t) + np.array([r * th[0], 0.0])
+        H = (X * (p * (1 - p))[:, None]).T @ X + np.diag([r, 1e-9 * n])
+        step, s = np.linalg.solve(H, g), 1.0
+        while True:
+            new = th - s * step; fn = loss(new)
+            if fn <= f or s < 1e-12: break
+            s /= 2
+        th, done = new, f - fn <= 1e-12 * max(1.0, abs(f)) and np.abs(s * step).max() < 1e-9
+        f = fn
+        if done: break
+    a, b = th[0] / sd, th[1] - th[0] * mu / sd
+    if not a > 0: raise DecompositionError(f'the margins do not separate the classes (fitted scale {a:.3g}); nothing to calibrate')
+    return float(a), float(b)
+
+def _calibration_groups(ms, per):
+    if per == 'module': return [[i] for i in range(len(ms))]
+    if per == 'set': return [list(range(len(ms)))]
+    groups = []
+    for i, m in enumerate(ms.modules):
+        g = next((g for g in groups if ms.modules[g[0]].parent is m.parent), None)
+        if g is None: groups.append([i])
+        else: g.append(i)
+    return groups
+
+def calibrate(ms:ModuleSet, x, y,           # labelled inputs; labels `y` = positions in `ms`
+              per:str='parent',            # one map per 'parent' (keeps each parent's argmax), per 'module', or one for the whole 'set'
+              mode:str='exact', batch_size:int=256, source:str|None=None) -> ModuleSet:
+    "A copy of `ms` whose modules carry maps p = σ(a·margin + b) fitted on (x, y): every input is an example for every module of the group, positive for its own class."
+    if per not in ('parent', 'module', 'set'): raise DecompositionError(f"per must be 'parent', 'module' or 'set'; got {per!r}")
+    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    if len(x) != len(y): raise DecompositionError(f'x and y must have the same length; got {len(x)} inputs and {len(y)} labels')
+    if not len(y): raise DecompositionError('calibrate needs labelled inputs; got none')
+    y = y.astype('int64')
+    if y.min() < 0 or y.max() >= len(ms): raise DecompositionError(f'y must hold positions 0..{len(ms) - 1} of the set; found {y.min()}..{y.max()}')
+    z = module_logits(ms, x, mode, batch_size)
+    margin = z[..., 0] - z[..., 1]
+    mods = list(ms.modules)
+    for g in _calibration_groups(ms, per):
+        names = [str(ms.modules[i].class_name) for i in g]
+        if not np.isin(y, g).any(): raise DecompositionError(f'calibrating {names} needs inputs of their classes in y; got none')
+        try: a, b = fit_calibration(margin[:, g], y[:, None] == np.asarray(g)[None])
+        except DecompositionError as e: raise DecompositionError(f'calibrating {names}: {e}') from None
+        for i in g:
+            mods[i] = dataclasses.replace(mods[i], calibration=calibration_record(mods[i], a, b, per=per, inputs=int(len(y)), source=source))
+    out = type(ms)(mods, ms.name)
+    out.removed, out.timings = ms.removed, ms.timings
+    return out
+
 # %% ../nbs/08_compose.ipynb #9920f432
-def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False, k:int=10) -> dict:
-    "Top-1 (voting) and top-5 (by p_concerned) accuracy of the composed modules on (x, y); labels are positions in `ms`."
+def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False, k:int=10,
+                     vote:str='calibrated') -> dict:
+    "Top-1 (voting) and top-5 (by p_concerned) accuracy of the composed modules on (x, y); labels are positions in `ms`; `vote` 'calibrated' (default) or 'paper' (raw margins)."
     x, y = check_data(x, y, ms.input_shape, len(ms), expects='the modules expect', labels='(positions in the module set)',
                       purpose='evaluate needs test inputs')   # the checks `decompose` makes (02_graph)
     check_finite(x)
@@ -171,10 +279,10 @@ def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, j
     y = y.astype('int64')
     stats = {}
     z = module_logits(ms, x, mode, batch_size, progress=progress, k=k, stats=stats)
-    margin = z[..., 0] - z[..., 1]
-    pred = vote_margin(margin)
+    raw = z[..., 0] - z[..., 1]
+    margin, pred = calibrated_margins(ms, raw, vote), compose_vote(ms, raw, vote)
     nv = (margin > 0).sum(1)
-    out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(margin, y, 5), 'mode': mode, 'n': int(len(y)),
+    out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(margin, y, 5), 'mode': mode, 'vote': vote, 'n': int(len(y)),
            'masked_pairs': stats['dirty'] / max(1, stats['pairs']) if mode in ('exact', 'candidates') else float(mode == 'full'),
            'voters': {'none': float((nv == 0).mean()), 'one': float((nv == 1).mean()), 'several': float((nv > 1).mean())}}
     if jaccard: out['jaccard'] = jaccard_index(ms)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_decompose.ipynb #0f8723f4
 from __future__ import annotations
-import time
+import dataclasses, time, warnings
 
 import numpy as np
 
@@ -14,9 +14,11 @@ from .concern import sample_inputs, activation_counts, kept_nodes
 from .modularize import modularize
 from .modules import Module, ModuleSet
 from .compact import check_compact_args, channel_kept, learn_channel_masks, refit_heads
+from .compose import module_logits, fit_calibration, calibration_record
 
 # %% auto #0
-__all__ = ['STEPS', 'check_decompose_args', 'decompose', 'timed', 'decompose_vs_predict']
+__all__ = ['STEPS', 'CALIBRATION_SOURCES', 'CALIBRATION_MIN_PER_CLASS', 'check_decompose_args', 'decompose',
+           'check_calibration_args', 'calibration_inputs', 'calibrate_parent', 'timed', 'decompose_vs_predict']
 
 # %% ../nbs/09_decompose.ipynb #bf554973
 STEPS = ('ci', 'ti', 'mc', 'blc', 'bi')
@@ -106,6 +108,8 @@ def decompose(model,                       # a trained Keras classifier (functio
               mask_sparsity:float|None=None, # learn channel masks (weights frozen) with this FLOPs weight; None: no learned masks
               mask_steps:int=200,          # gradient steps of the learned masks
               mask_batch:int=32,           # inputs per step of the learned masks
+              calibration:str='held_out',  # fit the parent's vote calibration on 'held_out' inputs (not in the decomposition's sample), 'all' inputs, or 'none'
+              n_calibration:int=1000,      # at most this many inputs for the calibration
              ) -> ModuleSet:
     "Decompose `model` into one module per class (a `ModuleSet`, position i = class `classes[i]`)."
     t0 = time.perf_counter()
@@ -115,6 +119,7 @@ def decompose(model,                       # a trained Keras classifier (functio
     check_decompose_args(g, x, y, n_concerned, classes, delta, steps, seed=seed, batch_size=batch_size, class_names=class_names)
     check_compact_args(min_rate, granularity, refit_head, mask_sparsity, mask_steps, mask_batch)
     warn_input_range(g, x)
+    check_calibration_args(calibration, n_calibration)
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     names = list(class_names) if class_names is not None else [str(i) for i in range(N)]
     cls = list(range(N)) if classes is None else [int(c) for c in classes]
@@ -150,10 +155,46 @@ def decompose(model,                       # a trained Keras classifier (functio
     ms = ModuleSet(mods, name=f'{model.name} on {dataset}' if dataset else model.name)
     if refit_head:
         ms = refit_heads(ms, x, y, batch_size=batch_size)
+    t4 = time.perf_counter()
+    if calibration != 'none': ms = calibrate_parent(ms, x, y, s.index, calibration, n_calibration, seed, batch_size)
     ms.removed = removed
-    ms.timings = {'sampling': t1 - t0, 'concern_identification': t2 - t1, 'modularization': t3 - t2,
+    ms.timings = {'calibration': time.perf_counter() - t4, 'sampling': t1 - t0, 'concern_identification': t2 - t1, 'modularization': t3 - t2,
                   'total': time.perf_counter() - t0, 'inputs_observed': int(len(s.index))}
     return ms
+
+# %% ../nbs/09_decompose.ipynb #c9a1b0d2
+CALIBRATION_SOURCES = ('held_out', 'all', 'none')
+CALIBRATION_MIN_PER_CLASS = 20   # fewer held-out inputs of a decomposed class than this: calibrate on all inputs
+
+def check_calibration_args(calibration, n_calibration):
+    "One `DecompositionError` for a bad `calibration` / `n_calibration` of `decompose`."
+    if calibration not in CALIBRATION_SOURCES: raise DecompositionError(f'calibration must be one of {CALIBRATION_SOURCES}; got {calibration!r}')
+    if not (_is_int(n_calibration) and n_calibration >= 2): raise DecompositionError(f'n_calibration must be an integer ≥ 2; got {n_calibration!r}')
+
+def calibration_inputs(y, used, classes, how:str='held_out', n:int=1000, seed:int=0):
+    "(indices into `y`, source): up to `n` random inputs, from those not in `used` ('held_out') unless a class of `classes` has fewer than `CALIBRATION_MIN_PER_CLASS` of them left, or from all."
+    y = np.asarray(y).reshape(-1).astype('int64')
+    pool, source = np.arange(len(y)), 'all'
+    if how == 'held_out':
+        rest = np.setdiff1d(pool, np.asarray(used, 'int64'))
+        if np.bincount(y[rest], minlength=max(classes) + 1)[classes].min() >= CALIBRATION_MIN_PER_CLASS: pool, source = rest, 'held_out'
+        else: source = 'all (too few held out)'
+    idx = np.random.default_rng(seed + 7919).choice(pool, min(int(n), len(pool)), replace=False)
+    return np.sort(idx), source
+
+def calibrate_parent(ms:ModuleSet, x, y, used, how:str='held_out', n:int=1000, seed:int=0, batch_size:int=256) -> ModuleSet:
+    "`ms` (modules of one parent; labels `y` = the parent's classes) with one map fitted on `calibration_inputs`, shared by all its modules."
+    t0 = time.perf_counter()
+    cls = [int(m.class_index) for m in ms]
+    idx, source = calibration_inputs(y, used, cls, how, n, seed)
+    z = module_logits(ms, np.asarray(x)[idx], batch_size=batch_size)
+    try: a, b = fit_calibration(z[..., 0] - z[..., 1], np.asarray(y).reshape(-1)[idx][:, None] == np.asarray(cls)[None])
+    except DecompositionError as e:
+        warnings.warn(f'{ms.name}: no vote calibration ({e}); its modules keep the identity map', stacklevel=3)
+        return ms
+    info = dict(per='parent', source=source, inputs=int(len(idx)), seconds=time.perf_counter() - t0)
+    out = ModuleSet([dataclasses.replace(m, calibration=calibration_record(m, a, b, **info)) for m in ms], ms.name)
+    return out
 
 # %% ../nbs/09_decompose.ipynb #689f4a6c
 def timed(f, repeats:int=3) -> float:

@@ -5,7 +5,7 @@
 # %% ../nbs/06_modules.ipynb #cfca20cd
 from __future__ import annotations
 from dataclasses import dataclass, field
-import io, json, tempfile, zipfile
+import functools, io, json, tempfile, warnings, zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +14,10 @@ from keras import layers
 
 from .graph import LayerGraph, DecompositionError, model_hash, graph_of
 from .data import atomic_path
-from .compose import evaluate_modules, module_scores
+from .compose import evaluate_modules, module_scores, calibration_of
 
 # %% auto #0
-__all__ = ['FORMAT', 'NodeMask', 'Module', 'ModuleSet']
+__all__ = ['FORMAT', 'NodeMask', 'fold_calibration', 'Module', 'ModuleSet']
 
 # %% ../nbs/06_modules.ipynb #f93e5e0c
 @keras.saving.register_keras_serializable(package='cnnmodules')
@@ -100,8 +100,31 @@ def _mask_plumbing(g, masks, inp, taken):
         return floats[dtype]
     return forms, bits
 
+def fold_calibration(km:keras.Model, module) -> keras.Model:
+    "`km` (a module's standalone model) with the module's calibration folded into its 2-unit head: p_concerned = σ(a·margin + b)."
+    a, b = calibration_of(module)
+    if (a, b) != (1.0, 0.0):
+        head = km.get_layer('module_head')
+        k, hb = head.get_weights()
+        head.set_weights([k * a, hb * a + np.array([b / 2, -b / 2], hb.dtype)])
+    return km
+
+def _calibrated_export(f):
+    "`f` (a method returning a module's standalone model) followed by `fold_calibration`, once."
+    if getattr(f, '_calibrated', False): return f
+    @functools.wraps(f)
+    def export(self, *args, **kwargs): return fold_calibration(f(self, *args, **kwargs), self)
+    export._calibrated, export._masked = True, getattr(f, '_masked', f)
+    return export
+
+class _ModuleType(type):
+    "Whoever defines or patches `to_keras` / `to_slim_keras` (notebook 12 patches them), the exported model is calibrated."
+    def __setattr__(cls, name, value):
+        if name in ('to_keras', 'to_slim_keras') and callable(value): value = _calibrated_export(value)
+        super().__setattr__(name, value)
+
 @dataclass(eq=False)
-class Module:
+class Module(metaclass=_ModuleType):
     "A binary classifier for one class: the parent's network with removed nodes masked, and a 2-unit head."
     class_index: int            # the concerned class in the parent's output
     class_name: str
@@ -111,6 +134,7 @@ class Module:
     head_keep: np.ndarray       # (d,) bool: head inputs kept by MC-BLN
     parent: keras.Model
     provenance: dict = field(default_factory=dict)
+    calibration: dict|None = None  # {'a', 'b', 'head': digest of the head fitted for, ...}: p_concerned = σ(a·margin + b); None = identity
 
     @property
     def graph(self) -> LayerGraph: return graph_of(self.parent, self.linear_nodes)
@@ -127,7 +151,7 @@ class Module:
         return f"Module({self.class_index}:{self.class_name!r} of {self.parent.name}, keeps {self.kept_fraction():.1%} of {self.graph.n_nodes():,} nodes)"
 
     def to_keras(self) -> keras.Model:
-        "A standalone Keras model with output [p_concerned, p_unconcerned]: copies of the parent's layers, masks as `keras.ops` multiplications."
+        "A standalone Keras model with output [p_concerned, p_unconcerned] (calibrated): copies of the parent's layers, masks as `keras.ops` multiplications."
         g = self.graph
         inp = keras.Input(shape=g.input_shape, dtype=self.parent.inputs[0].dtype, name='input')
         taken = {op.name for op in g.ops} | {'module_head'}
@@ -147,6 +171,7 @@ class Module:
         head.set_weights([self.head_kernel * self.head_keep[:, None], self.head_bias])
         safe = ''.join(ch if ch.isalnum() else '_' for ch in str(self.class_name))
         return keras.Model(inp, out, name=f'module_{self.class_index}_{safe}')
+    to_keras = _calibrated_export(to_keras)
 
 # %% ../nbs/06_modules.ipynb #dba1c45f
 FORMAT = 'cnnmodules.ModuleSet/1'
@@ -158,6 +183,11 @@ def _jsonable(o):
     if isinstance(o, np.ndarray): return o.tolist()
     if isinstance(o, np.generic): return o.item()
     return o
+
+def _note_uncalibrated(path, old):
+    "Warn once per file whose modules were written before modules carried a calibration: they vote with identity maps."
+    if old: warnings.warn(f'{path}: {len(old)} module(s) have no calibration (written before cnnmodules stored one); they vote on raw margins (identity map). '
+                          'Re-calibrate with cnnmodules.compose.calibrate(ms, x, y) or the CLI flag --calibrate-on DATA.', stacklevel=3)
 
 class ModuleSet:
     "An ordered set of modules (position i = label i), composable by voting, saved as one compact file."
@@ -189,12 +219,12 @@ class ModuleSet:
     def __repr__(self):
         ps = self.parents()
         return f"ModuleSet({len(self)} modules of {len(ps)} parent{'s' * (len(ps) > 1)}: {', '.join(map(str, self.class_names[:8]))}{', ...' if len(self) > 8 else ''})"
-    def evaluate(self, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, k:int=10) -> dict:
-        "Compose by voting and score: dict with `top1`, `top5`, `jaccard` (and the voting details); `mode` as in `cnnmodules.compose`."
-        return evaluate_modules(self, x, y, mode=mode, batch_size=batch_size, jaccard=jaccard, k=k)
-    def predict(self, x, mode:str='exact', batch_size:int=256, k:int=10) -> np.ndarray:
-        "(n, len(self)) array of p_concerned and (n, len(self)) of p_unconcerned for inputs `x`."
-        return module_scores(self, x, mode=mode, batch_size=batch_size, k=k)
+    def evaluate(self, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, k:int=10, vote:str='calibrated') -> dict:
+        "Compose by voting and score: dict with `top1`, `top5`, `jaccard` (and the voting details); `mode` and `vote` as in `cnnmodules.compose`."
+        return evaluate_modules(self, x, y, mode=mode, batch_size=batch_size, jaccard=jaccard, k=k, vote=vote)
+    def predict(self, x, mode:str='exact', batch_size:int=256, k:int=10, vote:str='calibrated') -> np.ndarray:
+        "(n, len(self)) array of p_concerned and (n, len(self)) of p_unconcerned for inputs `x` (calibrated unless `vote='paper'`)."
+        return module_scores(self, x, mode=mode, batch_size=batch_size, k=k, vote=vote)
 
     def save(self, path) -> Path:
         "Write the set as one zip file (parents once, packed masks, heads, manifest), atomically."
@@ -207,7 +237,8 @@ class ModuleSet:
         for i, m in enumerate(self.modules):
             pi = next(j for j, p in enumerate(parents) if p is m.parent)
             manifest['modules'].append({'class_index': int(m.class_index), 'class_name': str(m.class_name), 'parent': pi,
-                                        'mask_shapes': [list(a.shape) for a in m.masks], 'provenance': m.provenance})
+                                        'mask_shapes': [list(a.shape) for a in m.masks], 'provenance': m.provenance,
+                                        'calibration': _jsonable(m.calibration)})
             for j, a in enumerate(m.masks): arrays[f'm{i}_{j}'] = np.packbits(np.asarray(a, bool).ravel())
             arrays[f'hk{i}'], arrays[f'hb{i}'] = np.asarray(m.head_kernel), np.asarray(m.head_bias)
             arrays[f'hm{i}'] = np.packbits(np.asarray(m.head_keep, bool))
@@ -245,10 +276,11 @@ class ModuleSet:
                     masks = [np.unpackbits(arrays[f'm{i}_{j}'], count=int(np.prod(s))).astype(bool).reshape(s) for j, s in enumerate(g.node_shapes)]
                     hk = arrays[f'hk{i}']
                     mods.append(Module(e['class_index'], e['class_name'], masks, hk, arrays[f'hb{i}'],
-                                       np.unpackbits(arrays[f'hm{i}'], count=hk.shape[0]).astype(bool), p, e['provenance']))
+                                       np.unpackbits(arrays[f'hm{i}'], count=hk.shape[0]).astype(bool), p, e['provenance'], e.get('calibration')))
         except DecompositionError: raise
         except Exception as e:   # any failure to read the file: a flipped bit in the zip directory surfaces as almost any exception
             raise DecompositionError(f'{path} is not a readable module set ({type(e).__name__}: {str(e)[:300]})') from e
+        _note_uncalibrated(path, [e for e in manifest['modules'] if 'calibration' not in e])
         ms = cls(mods, manifest.get('name'))
         ms.removed, ms.timings = manifest.get('removed', {}), manifest.get('timings', {})
         return ms

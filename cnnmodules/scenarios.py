@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_scenarios.ipynb #a0111911
 from __future__ import annotations
-import dataclasses
+import dataclasses, warnings
 
 import numpy as np
 from fastcore.basics import patch
@@ -13,7 +13,7 @@ from .graph import DecompositionError, forward, graph_of, model_input
 from .data import Dataset, DatasetError
 from .modularize import modularize
 from .modules import Module, ModuleSet
-from .compose import module_logits, vote_margin
+from .compose import module_logits, vote_margin, compose_vote, calibrate as _calibrate
 from .models import model_logits, topk_accuracy
 
 # %% auto #0
@@ -85,10 +85,10 @@ def reverify(model, verifier:ModuleSet, classes, x, batch_size:int=256) -> np.nd
     if ask.any(): pred[ask] = np.asarray(classes)[composed_predict(verifier, np.asarray(x)[ask], batch_size=batch_size)]
     return pred
 
-def composed_predict(ms:ModuleSet, x, mode:str='exact', batch_size:int=256) -> np.ndarray:
-    "(n,) position in `ms` that the vote picks for each input."
+def composed_predict(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, vote:str='calibrated') -> np.ndarray:
+    "(n,) position in `ms` that the vote (calibrated by default, `vote='paper'`: raw margins) picks for each input."
     z = module_logits(ms, x, mode, batch_size)
-    return vote_margin(z[..., 0] - z[..., 1])
+    return compose_vote(ms, z[..., 0] - z[..., 1], vote)
 
 # %% ../nbs/11_scenarios.ipynb #2aa54a79
 def same_architecture(model, num_classes:int, seed:int=0):
@@ -178,38 +178,9 @@ def patch_model(model, module:Module, x, target:int|None=None, rule:str='vote', 
     return pred
 
 # %% ../nbs/11_scenarios.ipynb #0eaecee3
-def _groups(ms, per):
-    if per == 'module': return [[i] for i in range(len(ms))]
-    groups = []
-    for i, m in enumerate(ms):
-        g = next((g for g in groups if ms[g[0]].parent is m.parent), None)
-        if g is None: groups.append([i])
-        else: g.append(i)
-    return groups
-
-def calibrate(ms:ModuleSet, x, y, per:str='parent', batch_size:int=256) -> ModuleSet:
-    "A new set whose heads are scaled by 1/T, T a temperature per parent (or per module) fitted on `x` (labels `y` = positions) so σ(margin/T) predicts concerned vs not."
-    from sklearn.linear_model import LogisticRegression
-    if per not in ('parent', 'module'): raise DecompositionError(f"per must be 'parent' or 'module'; got {per!r}")
-    x, y = np.asarray(x), np.asarray(y).astype('int64').reshape(-1)
-    if len(x) != len(y): raise DecompositionError(f'x and y must have the same length; got {len(x)} inputs and {len(y)} labels')
-    if len(y) and (y.min() < 0 or y.max() >= len(ms)): raise DecompositionError(f'y must hold positions 0..{len(ms) - 1} of the set; found {y.min()}..{y.max()}')
-    z = module_logits(ms, x, batch_size=batch_size)
-    margin = z[..., 0] - z[..., 1]
-    mods = list(ms.modules)
-    families = _groups(ms, 'parent')
-    for g in _groups(ms, per):
-        rows = np.isin(y, next(f for f in families if g[0] in f))   # the inputs of this parent's classes
-        feat = margin[rows][:, g].reshape(-1, 1)
-        t = (y[rows][:, None] == np.asarray(g)[None]).reshape(-1)
-        if t.all() or not t.any(): raise DecompositionError(f'calibrating {[ms.class_names[i] for i in g]} needs inputs of their classes and of other classes of the same parent')
-        a = float(LogisticRegression(fit_intercept=False, C=1e6, max_iter=1000).fit(feat, t).coef_[0, 0])
-        if not a > 0: raise DecompositionError(f'the margins of {[ms.class_names[i] for i in g]} do not separate their classes (fitted scale {a:.3g}); nothing to calibrate')
-        for i in g:
-            m = mods[i]
-            mods[i] = dataclasses.replace(m, head_kernel=(m.head_kernel * a).astype(m.head_kernel.dtype), head_bias=(m.head_bias * a).astype(m.head_bias.dtype),
-                                          provenance={**m.provenance, 'temperature': float(m.provenance.get('temperature', 1.0)) / a, 'calibrated_per': per})
-    return ModuleSet(mods, ms.name)
+def calibrate(ms:ModuleSet, x, y, per:str='parent', batch_size:int=256, mode:str='exact') -> ModuleSet:
+    "A copy of `ms` whose modules carry vote maps σ(a·margin + b) re-fitted on (x, y), labels = positions; one per 'parent' (default), 'module' or 'set' (`cnnmodules.compose.calibrate`)."
+    return _calibrate(ms, x, y, per=per, mode=mode, batch_size=batch_size)
 
 # %% ../nbs/11_scenarios.ipynb #952b4f00
 def _tf_cached(g, key, make):
@@ -319,4 +290,8 @@ def update(ms:ModuleSet,            # the modules to update
             new = dataclasses.replace(new, head_kernel=hk, head_bias=hb)
         new.provenance = {**mod.provenance, 'updates': list(mod.provenance.get('updates', [])) + [rec]}
         out.append(new)
-    return ModuleSet(out, ms.name)
+    out = ModuleSet(out, ms.name)
+    if method != 'tangling':   # new heads: the old maps no longer fit them (they read as identity); re-fit one per parent on (x, y)
+        try: out = _calibrate(out, x, y, batch_size=batch_size, source='update')
+        except DecompositionError as e: warnings.warn(f'update: no vote calibration for the re-fitted heads ({e}); they keep the identity map', stacklevel=2)
+    return out

@@ -333,7 +333,7 @@ def test_save_load_roundtrip(residual, data):
         np.testing.assert_array_equal(np.asarray(keras.saving.load_model(Path(d) / 'module0.keras')(x)), np.asarray(k0(x)))
     assert len(ld) == len(ms) and ld.class_names == ms.class_names and len(ld.parents()) == 1
     for a, b in zip(ms, ld):
-        assert a.class_index == b.class_index and a.provenance == b.provenance
+        assert a.class_index == b.class_index and a.provenance == b.provenance and a.calibration == b.calibration
         for u, v in zip(a.masks, b.masks): np.testing.assert_array_equal(u, v)
         np.testing.assert_array_equal(a.head_kernel, b.head_kernel)
         np.testing.assert_array_equal(a.head_bias, b.head_bias)
