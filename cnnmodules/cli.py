@@ -386,8 +386,8 @@ def _compose(a, p):
     quiet_tensorflow()
     from cnnmodules.modules import ModuleSet
     parts = [load_set(s) for s in a.sets]
-    distinct_classes([m for part in parts for m in part], 'the composed set')
-    ms = ModuleSet([m for part in parts for m in part], name=' + '.join(filter(None, (p.name for p in parts))) or None)
+    ms = ModuleSet([m for part in parts for m in part], name=' + '.join(filter(None, (p.name for p in parts))) or None)   # input shapes first
+    distinct_classes(ms, 'the composed set')
     ms.save(a.out)
     print(f"{len(ms)} modules ({', '.join(map(str, ms.class_names))}) of {len(ms.parents())} parent(s)\nmodule set saved to {a.out}")
 
