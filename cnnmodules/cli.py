@@ -517,7 +517,7 @@ def _demo(a, d):
     if a.n_concerned is not None and a.n_concerned > smallest:
         d.error(f'argument --n-concerned: expected at most {smallest} (the smallest digits class); got {a.n_concerned}')
     quiet_tensorflow()
-    demo(a.epochs, a.seed, a.retrain, a.n_concerned, ('ci', 'ti', 'mc', 'blc') + (('bi',) if a.bi else ()), out, data=data)
+    demo(a.epochs, a.seed, a.retrain, a.n_concerned, ('ci', 'ti', 'mc', 'blc') + (('bi',) if a.bi else ()), out, progress=_progress(), data=data)
 
 def _bench_args(p):
     from cnnmodules.bench import add_arguments      # NumPy only: the parser stays cheap
