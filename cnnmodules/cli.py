@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_cli.ipynb #bb54dff3
 from __future__ import annotations
-import argparse, os, sys, time
+import argparse, os, sys, tempfile, time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -14,8 +14,8 @@ import cnnmodules
 
 # %% auto #0
 __all__ = ['positive_int', 'non_negative_int', 'SUBCOMMANDS', 'cache_dir', 'demo_name', 'demo_model', 'resolve_out', 'demo',
-           'quiet_tensorflow', 'split_spec', 'load_data', 'load_set', 'load_model', 'choose_model', 'experiments_dir',
-           'calibrate_on', 'Subcommand', 'parser', 'main']
+           'quiet_tensorflow', 'split_spec', 'load_data', 'load_set', 'load_model', 'model_data', 'distinct_classes',
+           'choose_model', 'experiments_dir', 'calibrate_on', 'Subcommand', 'parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #498ada4e
 def cache_dir() -> Path:
@@ -60,6 +60,9 @@ def resolve_out(out,            # the `--out` value: a file, a folder (existing,
     while not q.exists(): q = q.parent          # the nearest existing ancestor must be a writable folder
     if not q.is_dir(): raise ValueError(f'--out {s}: {q} is a file, so {f.parent} cannot be a folder')
     if not os.access(q, os.W_OK | os.X_OK): raise ValueError(f'--out {s}: the folder {q} is not writable')
+    try: fd, probe = tempfile.mkstemp(dir=q, prefix='.cnnmodules-probe-')   # for real: root passes os.access on a read-only file system
+    except OSError as e: raise ValueError(f'--out {s}: cannot write in the folder {q} ({e.strerror or e})') from None
+    os.close(fd); os.unlink(probe)
     return f
 
 # %% ../nbs/10_cli.ipynb #ea243349
@@ -147,7 +150,14 @@ def split_spec(spec:str):
     base, _, cls = spec.rpartition(':')
     items = [c.strip() for c in cls.split(',')]
     if not base or not all(items): raise ValueError(f'{spec!r}: expected NAME_OR_PATH or NAME_OR_PATH:CLASS[,CLASS...]')
-    return base, [int(c) if c.lstrip('-').isdigit() else c for c in items]
+    return base, _classes(items, spec)
+
+def _classes(items, given):
+    "Class items as ints (indices, positions) or names; a negative number is refused (it would silently count from the end)."
+    out = [int(c) if c.lstrip('-').isdigit() else c for c in items]
+    neg = [c for c in out if isinstance(c, int) and c < 0]
+    if neg: raise ValueError(f'{given!r}: class positions and indices count from 0; got {neg[0]}')
+    return out
 
 def _spec(kind:str):
     "An argparse `type` checking the form of a `NAME_OR_PATH[:classes]` argument (`kind` names what is expected)."
@@ -168,7 +178,22 @@ def _class_list(s:str) -> list:
     "`'3,5'` or `'cat,dog'` → `[3, 5]` or `['cat', 'dog']`."
     items = [c.strip() for c in s.split(',')]
     if not all(items): raise argparse.ArgumentTypeError(f'expected classes separated by commas, such as 3,5; got {s!r}')
-    return [int(c) if c.lstrip('-').isdigit() else c for c in items]
+    try: return _classes(items, s)
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+
+def _position(s:str):
+    "An argparse `type` for one module: a position (0, 1, ...) or a class name."
+    items = _class_list(s)
+    if len(items) != 1: raise argparse.ArgumentTypeError(f'expected one position or class name; got {s!r}')
+    return items[0]
+
+def _progress() -> bool:
+    "Progress bars only when stderr is a terminal; a log file gets the plain `_say` lines, no carriage returns or escape codes."
+    return sys.stderr.isatty()
+
+def _say(msg:str):
+    "One line of progress on stderr (stdout stays the result: `--json` prints one object)."
+    print(msg, file=sys.stderr, flush=True)
 
 def _steps(s:str) -> tuple:
     "`'ci,ti,mc,blc'` → the decomposition steps, checked against `decompose`'s names."
@@ -200,11 +225,54 @@ def load_set(spec):
     return ms if cls is None else ms[positions(ms, cls)]
 
 def load_model(path):
-    "A Keras model from `path`; one `DecompositionError` when the file is not a readable model."
-    import keras
+    "A Keras model from `path`; one `DecompositionError` saying what the file is when it is not a readable Keras model."
+    import keras, zipfile
     from cnnmodules.graph import DecompositionError
+    path = Path(path)
+    if path.suffix == '.keras' and not zipfile.is_zipfile(path):
+        raise DecompositionError(f'{path} is not a readable Keras model: a .keras file is a zip archive, and this file is not one')
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z: names = z.namelist()
+        if 'manifest.json' in names and 'arrays.npz' in names: raise DecompositionError(f'{path} is a module set, not a Keras model')
+        if path.suffix == '.keras' and 'config.json' not in names:
+            raise DecompositionError(f'{path} is not a readable Keras model: a zip archive without the config.json of a .keras file')
     try: return keras.saving.load_model(path, compile=False)
-    except Exception as e: raise DecompositionError(f'{path} is not a readable Keras model ({type(e).__name__}: {str(e)[:200]})') from None
+    except Exception as e:
+        msg = ' '.join(str(e).split())[:200]
+        raise DecompositionError(f'{path} is not a readable Keras model ({type(e).__name__}: {msg})') from None
+
+def model_data(model, spec, progress:bool=False):
+    """The data a Keras `model` is decomposed or scored on, from a parsed `DATA[:classes]`: `(dataset, classes)`.
+    Checks that the images have the model's input shape, and matches the model's outputs to the dataset's classes:
+    as many outputs as classes, `classes` (dataset indices, or None for all) picks some; fewer outputs, the classes
+    given must be the ones the model was trained on, in its output order, and the dataset is cut to them."""
+    from cnnmodules.data import DatasetError, _class_indices
+    name, cls = spec
+    d = load_data((name, None), progress=progress)
+    want = tuple(model.input_shape[1:])
+    if len(want) != len(d.input_shape) or any(w is not None and w != h for w, h in zip(want, d.input_shape)):
+        raise DatasetError(f"the model takes inputs of shape {want} but {d.name} has images of shape {d.input_shape}: "
+                           "give the data it was trained on (or resize the images: cnnmodules.data.resize)")
+    n = model.output_shape[-1]
+    if n == d.num_classes: return d, (None if cls is None else _class_indices(d, cls))
+    if cls is not None and len(cls) == n: return d.subset(cls), None
+    example = f"{name}:{','.join(map(str, range(n)))}"
+    if cls is None:
+        raise DatasetError(f'the model has {n} outputs but {d.name} has {d.num_classes} classes: if it was trained on {n} of them, '
+                           f'name them in its output order, e.g. --data {example}')
+    raise DatasetError(f'the model has {n} outputs but {len(cls)} classes of {d.name} were given: name the {n} classes it was trained on, '
+                       f'in its output order, e.g. --data {example}')
+
+def distinct_classes(modules, what:str='the set'):
+    "Refuse two modules of one class (same class name) in one set: voting would count each of its images twice, and the command matches modules to test images by name."
+    from cnnmodules.graph import DecompositionError
+    seen = {}
+    for i, m in enumerate(modules):
+        name = str(m.class_name)
+        if name in seen:
+            raise DecompositionError(f'{what} would hold two modules of class {name!r} (positions {seen[name]} and {i}): '
+                                     'a set holds one module per class; pick the classes of each set (SET.cnnm:classes)')
+        seen[name] = i
 
 # %% ../nbs/10_cli.ipynb #7a7d97b6
 def _out_arg(s:str) -> Path:
@@ -258,12 +326,10 @@ def _decompose(a, p):
     from cnnmodules.data import _class_indices
     from cnnmodules.graph import DecompositionError
     model = load_model(a.model[0])
-    data = load_data((a.data[0], None))
-    if model.output_shape[-1] != data.num_classes:
-        raise DecompositionError(f'the model has {model.output_shape[-1]} outputs but {data.name} has {data.num_classes} classes')
-    classes = None if a.data[1] is None else _class_indices(data, a.data[1])
+    data, classes = model_data(model, a.data, progress=_progress())
+    _say(f"decomposing {model.name} ({model.count_params():,} parameters) into {len(classes or data.class_names)} modules on {len(data.x_train):,} training images of {data.name}")
     ms = decompose(model, data.x_train, data.y_train, n_concerned=a.n_concerned, steps=a.steps, classes=classes, seed=a.seed,
-                   class_names=data.class_names, dataset=data.name, progress=False)
+                   class_names=data.class_names, dataset=data.name, progress=_progress())
     ms.save(a.out)
     p = ms[0].provenance
     print(f"{len(ms)} modules of {model.name} ({'+'.join(a.steps)}, E={p['n_concerned']}), keeping {np.mean([m.kept_fraction() for m in ms]):.1%} of {p['nodes']:,} nodes on average, "
@@ -292,20 +358,22 @@ def _evaluate(a, p):
         with zipfile.ZipFile(path) as z: is_set = 'manifest.json' in z.namelist()
     if is_set:
         from cnnmodules.scenarios import module_dataset
+        from cnnmodules.compose import evaluate_modules
         ms = load_set((path, sel))
-        d = module_dataset(ms, *[load_data(s) for s in a.data])
-        r = ms.evaluate(d.x_test, d.y_test, mode=a.mode, vote=a.vote)
+        distinct_classes(ms, str(path))
+        d = module_dataset(ms, *[load_data(s, progress=_progress()) for s in a.data])
+        _say(f"composing {len(ms)} modules ({a.mode}, {a.vote} vote) on {len(d.x_test):,} test images")
+        r = evaluate_modules(ms, d.x_test, d.y_test, mode=a.mode, progress=_progress(), vote=a.vote)
         out = {'kind': 'modules', **r, 'classes': [str(c) for c in ms.class_names], 'parents': [p.name for p in ms.parents()]}
     else:
         from cnnmodules.data import _class_indices
         if len(a.data) > 1: raise DecompositionError('a Keras model is evaluated on one dataset: give --data once')
         model = load_model(path)
-        d = load_data((a.data[0][0], None))
-        if model.output_shape[-1] != d.num_classes:
-            raise DecompositionError(f'the model has {model.output_shape[-1]} outputs but {d.name} has {d.num_classes} classes')
-        sel = a.data[0][1] if sel is None else sel
-        cls = list(range(d.num_classes)) if sel is None else _class_indices(d, sel)
+        d, cls = model_data(model, a.data[0], progress=_progress())
+        if sel is not None: cls = _class_indices(d, sel)
+        if cls is None: cls = list(range(d.num_classes))
         keep = np.isin(d.y_test, cls)
+        _say(f"scoring {model.name} on {int(keep.sum()):,} test images of {d.name}")
         r = evaluate(model, d.x_test[keep], d.y_test[keep])
         out = {'kind': 'model', **r, 'n': int(keep.sum()), 'classes': [d.class_names[c] for c in cls], 'model': model.name}
     if a.json: print(json.dumps(out))
@@ -320,14 +388,15 @@ def _compose(a, p):
     quiet_tensorflow()
     from cnnmodules.modules import ModuleSet
     parts = [load_set(s) for s in a.sets]
-    ms = ModuleSet([m for part in parts for m in part], name=' + '.join(filter(None, (p.name for p in parts))) or None)
+    ms = ModuleSet([m for part in parts for m in part], name=' + '.join(filter(None, (p.name for p in parts))) or None)   # input shapes first
+    distinct_classes(ms, 'the composed set')
     ms = calibrate_on(ms, a)
     ms.save(a.out)
     print(f"{len(ms)} modules ({', '.join(map(str, ms.class_names))}) of {len(ms.parents())} parent(s)\nmodule set saved to {a.out}")
 
 def _replace_args(p):
     p.add_argument('set', type=_existing_file('module set'), metavar='SET.cnnm', help='the module set to change')
-    p.add_argument('--class', dest='k', required=True, metavar='K', help='the module to replace: a position in the set or a class name')
+    p.add_argument('--class', dest='k', type=_position, required=True, metavar='K', help='the module to replace: a position in the set (0, 1, ...) or a class name')
     p.add_argument('--with', dest='other', type=_existing_file('module set'), required=True, metavar="OTHER.cnnm[:K']",
                    help="where the new module comes from; K' (position or name) defaults to the class named like K")
     p.add_argument('--out', type=_out_arg, required=True, metavar='NEW.cnnm', help='where to save the new set')
@@ -338,10 +407,12 @@ def _replace(a, p):
     from cnnmodules.scenarios import positions
     from cnnmodules.graph import DecompositionError
     ms, other = load_set((a.set[0], None)), load_set((a.other[0], None))
-    k = positions(ms, int(a.k) if a.k.lstrip('-').isdigit() else a.k)[0]
+    k = positions(ms, a.k)[0]
     src = a.other[1] if a.other[1] is not None else [str(ms[k].class_name)]
     if len(src) != 1: raise DecompositionError(f"--with: name one module of {a.other[0]}; got {src}")
-    new = calibrate_on(ms.replace(k, other[positions(other, src)[0]]), a)
+    new = ms.replace(k, other[positions(other, src)[0]])
+    distinct_classes(new, 'the new set')
+    new = calibrate_on(new, a)
     new.save(a.out)
     f = new[k].provenance['replaced_from']
     print(f"position {k} ({ms[k].class_name}) now holds class {f['class_name']!r} of {f['parent_name']} ({f['dataset']})\nmodule set saved to {a.out}")
@@ -364,12 +435,24 @@ def _sample(d, n, seed):
     idx = np.concatenate([sample_per_class(None, d.y_train, min(n, int(c)), seed=seed, classes=[k]) for k, c in enumerate(d.class_counts())])
     return d.x_train[idx], d.y_train[idx]
 
+def _never_seen(ms, spec, d):
+    "Refuse foreign data of a class the set has a module of (same class name, same dataset or none recorded): its head would learn to reject its own class."
+    from cnnmodules.data import DatasetError
+    own = {str(m.class_name) for m in ms if m.provenance.get('dataset') in (None, d.name)}
+    both = [c for c in d.class_names if c in own]
+    if both:
+        given = spec[0] + ('' if spec[1] is None else ':' + ','.join(map(str, spec[1])))
+        raise DatasetError(f"--foreign {given}: the set already has modules of class{'es' * (len(both) > 1)} {', '.join(both)} of {d.name}; "
+                           "foreign inputs must be of classes the modules never saw: leave those out")
+
 def _update(a, p):
     quiet_tensorflow()
     from cnnmodules.scenarios import update, module_dataset
     from cnnmodules.graph import DecompositionError
     ms = load_set((a.set[0], None))
-    fx = np.concatenate([_sample(load_data(s), a.per_class, a.seed)[0] for s in a.foreign])
+    foreign = [load_data(s) for s in a.foreign]
+    for s, d in zip(a.foreign, foreign): _never_seen(ms, s, d)
+    fx = np.concatenate([_sample(d, a.per_class, a.seed)[0] for d in foreign])
     x = y = None
     if a.method != 'tangling':
         own = a.data or [(n, None) for n in dict.fromkeys(m.provenance.get('dataset') for m in ms)]
@@ -462,7 +545,7 @@ def _demo(a, d):
     if a.n_concerned is not None and a.n_concerned > smallest:
         d.error(f'argument --n-concerned: expected at most {smallest} (the smallest digits class); got {a.n_concerned}')
     quiet_tensorflow()
-    demo(a.epochs, a.seed, a.retrain, a.n_concerned, ('ci', 'ti', 'mc', 'blc') + (('bi',) if a.bi else ()), out, data=data)
+    demo(a.epochs, a.seed, a.retrain, a.n_concerned, ('ci', 'ti', 'mc', 'blc') + (('bi',) if a.bi else ()), out, progress=_progress(), data=data)
 
 def _bench_args(p):
     from cnnmodules.bench import add_arguments      # NumPy only: the parser stays cheap

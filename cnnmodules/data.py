@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CIFAR10_CLASSES', 'CIFAR100_FINE_CLASSES', 'CIFAR100_COARSE_CLASSES', 'LAYOUTS', 'KNOWN_DATASETS', 'DatasetError',
            'Dataset', 'subset_classes', 'sample_per_class', 'to_float', 'resize', 'stale_temporaries', 'atomic_path',
-           'cache_dir', 'load_dataset']
+           'cache_dir', 'data_folder', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #4144b349
 import gzip, hashlib, io, json, os, pickle, re, struct, tarfile, tempfile, warnings, zipfile, zlib
@@ -675,9 +675,17 @@ _OPTIONS = {'cifar100': {'label_mode'}, 'image-folder': {'color_mode'}, 'digits'
 
 def _canon(name): return _ALIASES.get(name.strip().lower(), name.strip().lower())
 
+def data_folder() -> Path|None:
+    "Where names are looked up when no `data_dir` is given: `$CNNMODULES_DATA` if set, else `shared/data` beside the repository checkout when it exists, else None."
+    env = os.environ.get('CNNMODULES_DATA')
+    if env: return Path(env).expanduser()
+    import cnnmodules
+    beside = Path(cnnmodules.__file__).resolve().parents[2] / 'shared' / 'data'   # <checkout>/cnnmodules/__init__.py -> <checkout>/../shared/data
+    return beside if beside.is_dir() else None
+
 def _find_named(key, data_dir):
     "Path of dataset `key` in the data folder, or None; and the folder searched."
-    folder = data_dir if data_dir is not None else os.environ.get('CNNMODULES_DATA') or None
+    folder = data_dir if data_dir is not None else data_folder()
     if folder is None: return None, None
     folder = Path(folder).expanduser()
     if not folder.is_dir(): raise DatasetError(f"data folder {folder} does not exist (from {'data_dir=' if data_dir is not None else '$CNNMODULES_DATA'})")
@@ -719,7 +727,7 @@ def _load_path(path, *, split_names, cache, progress, kw, expect=None):
 def load_dataset(name_or_path,         # a name in `KNOWN_DATASETS`, or a dataset folder, .zip or .tar.gz
                  *, split_names=None,  # image folders: (train, test) split folder names; default train and test|val|valid|validation
                  cache=True,           # cache decoded images: True ($CNNMODULES_CACHE or ~/.cache/cnnmodules), False, or a folder
-                 data_dir=None,        # folder where names are looked up; default $CNNMODULES_DATA
+                 data_dir=None,        # folder where names are looked up; default `data_folder()`
                  progress:bool=True,   # tqdm bar while decoding images
                  **kw,                 # label_mode (cifar100), color_mode (image folders), test_size/seed (digits), download, name
                 ) -> Dataset:
@@ -737,12 +745,18 @@ def load_dataset(name_or_path,         # a name in `KNOWN_DATASETS`, or a datase
             if found is not None:
                 ds = _load_path(found, split_names=split_names, cache=cache, progress=progress, kw=kw, expect=key)
                 ds.name = key
-            elif key == 'tiny-imagenet' or not download:
-                where = f"in {folder}" if folder else "(no data folder: pass data_dir= or set CNNMODULES_DATA)"
-                raise DatasetError(f"{key} not found {where}; looked for {', '.join(c for c in _CANDIDATES[key] if c != '.')}"
-                                   + ("" if key == 'tiny-imagenet' else "; download=True fetches it through keras.datasets"))
             else:
-                _check_options(kw, key); ds = _load_keras(key, **kw)
+                where = f"in {folder}" if folder else "(no data folder: set CNNMODULES_DATA, pass data_dir=, or use shared/data beside the checkout)"
+                looked = ', '.join(c for c in _CANDIDATES[key] if c != '.')
+                if key == 'tiny-imagenet' or not download:
+                    raise DatasetError(f"{key} not found {where}; looked for {looked}"
+                                       + ("" if key == 'tiny-imagenet' else "; download=True fetches it through keras.datasets"))
+                _check_options(kw, key)
+                try: ds = _load_keras(key, **kw)
+                except Exception as e:   # no network, a proxy, a truncated file: one line, not keras' traceback
+                    msg = ' '.join(str(e).split())[:160]
+                    raise DatasetError(f"{key} not found {where} (looked for {looked}) and downloading it through keras.datasets "
+                                       f"failed ({type(e).__name__}: {msg}); put an offline copy there or set CNNMODULES_DATA") from None
     else:
         if not isinstance(p, (str, os.PathLike)): raise DatasetError(f"expected a dataset name or path, got {p!r}")
         path = Path(p).expanduser()

@@ -197,6 +197,12 @@ class ModuleSet:
         shapes = {m.input_shape for m in self.modules}
         if len(shapes) > 1:
             raise DecompositionError(f'modules compose only when their input shapes match; got {sorted(shapes)}: resize the inputs of one dataset to the other (cnnmodules.data.resize)')
+        seen = {}
+        for i, m in enumerate(self.modules):   # one module per class (name, recorded dataset): two would both vote for its inputs
+            key = (m.provenance.get('dataset'), str(m.class_name))
+            if key[0] is None: continue
+            if key in seen: raise DecompositionError(f'two modules of class {key[1]!r} of {key[0]} (positions {seen[key]} and {i}): a set holds one module per class')
+            seen[key] = i
         self.name = name
         self.removed, self.timings = {}, {}   # filled by `decompose`: nodes removed per step, seconds per phase
     def __len__(self): return len(self.modules)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / 'shared' / 'data'   # the offline copies (MNIST's idx files)
+SHARED = REPO.parent / 'shared' / 'data'   # the offline copies, when this is a checkout beside them (nothing here needs them)
 MAIN = 'import sys; from cnnmodules.cli import main; sys.exit(main())'
 
 def run(args, cwd, timeout=600):
     "`cnnmodules ARGS` in `cwd` with a private cache: the CompletedProcess."
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'CNNMODULES_CACHE': str(Path(cwd) / 'cache'), 'CNNMODULES_DATA': str(SHARED)}
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'CNNMODULES_CACHE': str(Path(cwd) / 'cache')}
+    if SHARED.is_dir(): env['CNNMODULES_DATA'] = str(SHARED)
     return subprocess.run([sys.executable, '-c', MAIN, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 def ok(r):
@@ -27,6 +28,17 @@ def work(tmp_path_factory):
         ok(run(['train', '--data', 'digits', '--epochs', 5, '--seed', seed, '--out', f'm{seed}.keras', '--quiet'], d))
         ok(run(['decompose', f'm{seed}.keras', '--data', 'digits', '--out', f's{seed}.cnnm', '--n-concerned', 100], d))
     return d
+
+def write_mnist_like(root, n=20, seed=0):
+    "A folder in MNIST's idx layout (28x28 images, labels 0..9): what the real loader reads, without the offline copy or a download."
+    import gzip, struct
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for pre in ('train', 't10k'):
+        x, y = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
+        for kind, a, magic in (('images-idx3', x, 0x803), ('labels-idx1', y, 0x801)):
+            (root / f'{pre}-{kind}-ubyte.gz').write_bytes(gzip.compress(struct.pack('>i', magic) + struct.pack(f'>{a.ndim}i', *a.shape) + a.tobytes()))
+    return root
 
 def own_top1(path):
     "The model's test top-1 on digits, measured without cnnmodules' evaluation code: Keras' own loader and predict."
@@ -65,8 +77,9 @@ def test_compose_and_replace_round_trip(work):
     for i in (3, 4):
         src = s1 if i == 3 else s0
         assert all((a == b).all() for a, b in zip(rs[i].masks, src[i].masks)) and np.array_equal(rs[i].head_kernel, src[i].head_kernel)
-    ok(run(['replace', 's0.cnnm', '--class', '3', '--with', 's1.cnnm:5', '--out', 'r5.cnnm'], work))
-    assert ModuleSet.load(work / 'r5.cnnm')[3].class_name == '5'
+    ok(run(['compose', 's0.cnnm:0,1,2,3', '--out', 'four.cnnm'], work))       # no module of 5: position 3 may become a 5
+    ok(run(['replace', 'four.cnnm', '--class', '3', '--with', 's1.cnnm:5', '--out', 'r5.cnnm'], work))
+    assert ModuleSet.load(work / 'r5.cnnm').class_names == ['0', '1', '2', '5']
 
 def test_update(work):
     from cnnmodules.modules import ModuleSet
@@ -90,7 +103,8 @@ BAD = [(['evaluate', 'missing.cnnm', '--data', 'digits'], 2, 'no module set or K
        (['decompose', 'm0.keras', '--data', 'digits', '--steps', 'ci,ti', '--out', 'x.cnnm'], 2, 'mc'),
        (['compose', 's0.cnnm', 'small.cnnm', '--out', 'x.cnnm'], 1, 'input shapes match'),
        (['replace', 's0.cnnm', '--class', 12, '--with', 's1.cnnm', '--out', 'x.cnnm'], 1, 'out of range'),
-       (['update', 's0.cnnm', '--foreign', 'mnist:5', '--out', 'x.cnnm'], 1, 'shape (28, 28, 1)'),
+       (['update', 's0.cnnm', '--foreign', 'mnistlike:5', '--out', 'x.cnnm'], 1, 'shape (28, 28, 1)'),
+       (['replace', 's0.cnnm', '--class', 3, '--with', 's1.cnnm:5', '--out', 'x.cnnm'], 1, "two modules of class '5'"),
        (['compose', 's0.cnnm', '--out', 'afile/x.cnnm'], 2, '--out'),
        (['run', 'nosuch'], 2, 'unknown experiment'),
        (['run', 'train_resnet', '-p', 'nosuch', '1'], 2, "no parameter 'nosuch'")]
@@ -107,6 +121,7 @@ def small_set(work):
     (work / 'corrupt.cnnm').write_bytes((work / 's0.cnnm').read_bytes()[:5000])
     (work / 'corrupt.keras').write_bytes(b'not a model')
     (work / 'afile').write_text('a file, not a folder')
+    write_mnist_like(work / 'mnistlike')
 
 @pytest.mark.parametrize('args,status,msg', BAD, ids=[' '.join(map(str, a)) for a, _, _ in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(work, small_set, args, status, msg):

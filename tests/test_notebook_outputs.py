@@ -12,7 +12,8 @@ NBS = Path(__file__).resolve().parents[1] / 'nbs'
 # notebook -> does it hold a figure?
 EXECUTED = {'04_modularize': True, '12_compact': True, '13_bench': True, '14_experiments': False}
 MAX_BYTES = 300_000
-NOISE = re.compile(r'I0000 |absl::|WARNING:tensorflow|Warning:|\x1b\[|\r|/root/|/home/|/Users/|/tmp/|/work/')
+# machine paths: a home or work folder (the pattern test_package uses for sources), or the temporary folder
+NOISE = re.compile(r'I0000 |absl::|WARNING:tensorflow|Warning:|\x1b\[|\r|' + r'(?<![\w.~-])/(?:' + '|'.join(['work', 'home', 'root', 'Users', 'tmp']) + ')/')
 
 
 def outputs(nb):
