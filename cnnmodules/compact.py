@@ -19,7 +19,7 @@ from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing
 # %% auto #0
 __all__ = ['GRANULARITIES', 'channel_spaces', 'channel_kept', 'slim_channels', 'parent_size', 'slim_keras', 'head_features',
            'refit_heads', 'learn_channel_masks', 'check_compact_args', 'set_channels', 'subset_keras', 'model_macs',
-           'model_sizes', 'learn_subset_gates', 'reengineer_subset']
+           'model_sizes', 'learn_subset_gates', 'reengineer_subset', 'finetune_subset_model']
 
 # %% ../nbs/12_compact.ipynb #187f2e3c
 _SAME_CHANNELS = ('relu', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'zeropad')
@@ -674,4 +674,26 @@ def reengineer_subset(ms:ModuleSet, x, y,
                                                                                'inputs': int(len(tr)), 'train_accuracy': float(lr_.score(feat, lab[tr]))}})
     out = ModuleSet(mods, ms.name)
     out.info = info
+    return out
+
+# %% ../nbs/12_compact.ipynb #6e9eb198
+def finetune_subset_model(model:keras.Model,   # a subset model with output='logit' (`ModuleSet.to_keras(..., output='logit')`)
+                          x, targets,           # training inputs and the parent's probabilities restricted to the subset (rows sum to 1)
+                          epochs:int=2, lr:float=1e-4, batch_size:int=64,
+                          validation:float=0.2, # share held out: the best epoch on it is kept
+                          seed:int=0, verbose=0) -> keras.Model:
+    "A copy of `model` whose kept weights are trained (it TRAINS weights) to match the parent's restricted probabilities (distillation)."
+    import tensorflow as tf
+    keras.utils.set_random_seed(seed)
+    m = keras.models.clone_model(model); m.set_weights(model.get_weights())
+    for l in m.layers:
+        if isinstance(l, layers.BatchNormalization): l.trainable = False      # statistics and scales stay the parent's
+    m.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    x, t = np.asarray(x), np.asarray(targets, 'float32')
+    idx = np.random.default_rng(seed).permutation(len(x)); n = int(round(validation * len(x)))
+    va, tr = idx[:n], idx[n:]
+    cb = [keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)] if n else []
+    m.fit(x[tr], t[tr], epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True,
+          validation_data=(x[va], t[va]) if n else None, callbacks=cb)
+    out = keras.models.clone_model(m); out.set_weights(m.get_weights())   # uncompiled: its file holds no optimizer state
     return out
