@@ -258,3 +258,50 @@ def test_budget_is_checked(decomposed):
     m, x, y, ms = decomposed
     for bad in (0, -1, True, 'half'):
         with pytest.raises(DecompositionError, match='budget'): learn_subset_gates(ms[[0, 1]], x, y, budget=bad)
+
+
+# ---------------------------------------------------------------- 5. the frontier notebook at its CI defaults
+
+_CANDIDATES = ([Path(os.environ['CNNMODULES_DATA'])] if os.environ.get('CNNMODULES_DATA') else []) + \
+              [REPO.parent / 'shared' / 'data', REPO.parents[1] / 'shared' / 'data']   # the repository's, or a worktree's beside it
+SHARED = next((d for d in _CANDIDATES if (d / 'cifar10-jpeg.zip').exists()), _CANDIDATES[0])
+PARENT = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
+
+
+@pytest.mark.skipif(not ((SHARED / 'cifar10-jpeg.zip').exists() and PARENT.exists()),
+                    reason=f'no offline CIFAR-10 copy at {SHARED} or no trained parent at {PARENT}')
+def test_frontier_notebook_runs_at_ci_defaults(tmp_path):
+    papermill = pytest.importorskip('papermill')
+    exp = REPO / 'nbs' / 'experiments'
+    papermill.execute_notebook(str(exp / 'small_reuse.ipynb'), str(tmp_path / 'small_reuse.ipynb'),
+                               parameters=dict(data_dir=str(SHARED), out_dir=str(tmp_path / 'out')),
+                               cwd=str(exp), kernel_name='python3', progress_bar=False)
+    out = tmp_path / 'out'
+    m = json.loads((out / 'metrics.json').read_text())
+    assert (out / 'frontier.png').stat().st_size > 10_000 and (out / 'summary.md').exists() and (out / 'rows.csv').exists()
+    s = m['scale']
+    assert s['n_pairs'] == 1 and s['n_quads'] == 0 and s['budgets'] == [0.5, 0.2] and s['test_per_class'] == 50
+    rec = json.loads(PARENT.with_suffix('.json').read_text())
+    assert m['parent']['params'] == rec['parameters']                  # measured on the model = its training record
+    # the parent restricted to the pair, computed here from the same seeded test images
+    from cnnmodules.experiments import experiment_data
+    ds, _ = experiment_data('cifar10', str(SHARED))
+    cls = s['subsets'][0]
+    xt, yt = ds.sample_per_class(50, seed=0, split='test')        # the notebook's test images: 50 per class, seed 0
+    sel = np.isin(yt, cls)
+    p = keras.saving.load_model(PARENT).predict(xt[sel], verbose=0)[:, cls].argmax(1)
+    ref = float((p == np.searchsorted(cls, yt[sel])).mean())
+    rows = m['rows']
+    assert all(r['parent_top1'] == pytest.approx(ref) for r in rows)
+    assert all(c['argmax_equals_vote'] and c['images'] == 100 for c in m['checks'])
+    gated = [r for r in rows if r['budget'] is not None]
+    assert len(gated) == 4 and len(rows) == 5
+    for r in gated:
+        assert r['flops_pct'] <= 100 * r['budget'] + 0.1, r                        # the exported model fits its budget
+        assert r['delta_top1_pp'] == pytest.approx(100 * (r['top1'] - r['parent_top1']))
+        assert r['top1'] * 100 == pytest.approx(round(r['top1'] * 100))            # a share of the 100 test images
+    for b in (0.5, 0.2):   # the fine-tune trains weights, not the architecture: same MACs and parameters
+        fr, ft = [r for r in gated if r['budget'] == b and not r['finetune']][0], [r for r in gated if r['budget'] == b and r['finetune']][0]
+        assert (fr['macs'], fr['params']) == (ft['macs'], ft['params'])
+    smaller = [r for r in gated if r['budget'] == 0.2][0]
+    assert smaller['macs'] < [r for r in gated if r['budget'] == 0.5][0]['macs'] < m['parent']['macs']
