@@ -695,5 +695,5 @@ def finetune_subset_model(model:keras.Model,   # a subset model with output='log
     cb = [keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)] if n else []
     m.fit(x[tr], t[tr], epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True,
           validation_data=(x[va], t[va]) if n else None, callbacks=cb)
-    out = keras.models.clone_model(m); out.set_weights(m.get_weights())   # uncompiled: its file holds no optimizer state
+    out = keras.models.clone_model(model); out.set_weights(m.get_weights())   # a clone of the uncompiled input: its file holds no optimizer state
     return out
