@@ -18,7 +18,8 @@ from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing
 
 # %% auto #0
 __all__ = ['GRANULARITIES', 'channel_spaces', 'channel_kept', 'slim_channels', 'parent_size', 'slim_keras', 'head_features',
-           'refit_heads', 'learn_channel_masks', 'check_compact_args']
+           'refit_heads', 'learn_channel_masks', 'check_compact_args', 'set_channels', 'subset_keras', 'model_macs',
+           'model_sizes', 'learn_subset_gates', 'reengineer_subset', 'finetune_subset_model']
 
 # %% ../nbs/12_compact.ipynb #187f2e3c
 _SAME_CHANNELS = ('relu', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'zeropad')
@@ -361,3 +362,337 @@ def check_compact_args(min_rate=0.0, granularity='node', refit_head=False, mask_
         raise DecompositionError(f'mask_sparsity must be None (no learned masks) or a non-negative number; got {mask_sparsity!r}')
     for name, v in (('mask_steps', mask_steps), ('mask_batch', mask_batch)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise DecompositionError(f'{name} must be a positive integer; got {v!r}')
+
+# %% ../nbs/12_compact.ipynb #d8e670cb
+from pathlib import Path
+from .modules import _mask_form, _unpack_bits, _named
+from .compose import calibration_of
+
+def _calib_ab(module) -> tuple:
+    "(a, b) of the module's calibration, p_concerned = σ(a·margin + b): `compose.calibration_of` (identity when it has none, or when its head changed since)."
+    return calibration_of(module)
+
+def _one_parent(ms):
+    "The graph of the set's one parent; a `DecompositionError` when its modules come from several parents or node rules."
+    m0 = ms.modules[0]
+    if any(m.parent is not m0.parent or m.linear_nodes != m0.linear_nodes for m in ms):
+        raise DecompositionError('a subset model needs modules of one parent (and one node rule); this set has several: export them one by one')
+    return m0.graph
+
+def set_channels(ms:ModuleSet) -> dict:
+    "Op index -> (last-axis size,) bool: the union over the set's modules of the channels their slim models keep."
+    _one_parent(ms)
+    ks = [slim_channels(m) for m in ms]
+    return {i: np.logical_or.reduce([k[i] for k in ks]) for i in ks[0]}
+
+def _set_masks(ms, keep, exact):
+    "Per node op, the (M, *shape sliced to the kept channels) bool masks of the set's modules (`exact=False`: their union, for every module)."
+    g = ms.modules[0].graph
+    out = []
+    for j, op in enumerate(g.node_ops):
+        S = np.stack([np.asarray(m.masks[j], bool)[..., keep[op.idx]] for m in ms])
+        if not exact: S = np.broadcast_to(S.any(0, keepdims=True), S.shape).copy()
+        out.append(S)
+    return out
+
+def subset_keras(ms:ModuleSet,
+                 slim:bool=True,      # leave out the channels no module of the set needs
+                 exact:bool=True,     # each module sees its own masks (branching where they differ); False: the union of the masks for all
+                 output:str='p',      # 'p': calibrated p_concerned per module; 'logit': the calibrated logits a·margin + b (same order, no saturation)
+                ) -> keras.Model:
+    "One standalone Keras model of the set's modules (one parent): output (batch, len(ms)), one column per module; its argmax is the vote."
+    if output not in ('p', 'logit'): raise DecompositionError(f"output must be 'p' or 'logit'; got {output!r}")
+    g = _one_parent(ms)
+    M, ops = len(ms), keras.ops
+    keep = set_channels(ms) if slim else {op.idx: np.ones(op.shape[-1], bool) for op in g.ops[1:-1]}
+    keep[0] = np.ones(g.ops[0].shape[-1], bool)
+    masks = _set_masks(ms, keep, exact)
+    inp = keras.Input(shape=g.input_shape, dtype=ms.modules[0].parent.inputs[0].dtype, name='input')
+    taken = {op.name for op in g.ops} | {'subset_head', 'subset_p'}
+    forms, words, off = {}, [], 0
+    for op, S in zip(g.node_ops, masks):
+        if (S == S[:1]).all(): f, c = _mask_form(S[0]); tag = f
+        else:
+            rows = S.reshape(M, -1, S.shape[-1])
+            if (rows == rows[:, :1]).all(): tag, f, c = 'per_module_channels', 'channels', rows[:, 0]
+            else:
+                tag, f = 'per_module_bits', 'bits'
+                b = np.packbits(S.ravel(), bitorder='little'); c = np.pad(b, (0, -len(b) % 8)).view('<i8').astype('int64')
+        if f == 'bits': forms[op.idx] = tag, 64 * off; words.append(c); off += len(c)
+        else: forms[op.idx] = tag, c
+    flat = _unpack_bits(inp, np.concatenate(words), taken) if words else None
+    floats = {}
+    def bits(dtype):
+        if dtype not in floats: floats[dtype] = _named(ops.cast(flat, dtype), f'mask_bits_{dtype}', taken)
+        return floats[dtype]
+    def nm(t, name): return _named(t, name, taken)
+    vals, tiles = {0: (inp, False)}, {}
+    def tiled(i):      # value i repeated for the M modules along the batch axis (module-major)
+        t, br = vals[i]
+        if br: return t
+        if i not in tiles:
+            shp = tuple(t.shape[1:]); name = g.ops[i].name
+            e = nm(ops.tile(nm(ops.expand_dims(t, 0), f'{name}_per_module'), (M,) + (1,) * (len(shp) + 1)), f'{name}_tile')
+            tiles[i] = nm(ops.reshape(e, (-1,) + shp), f'{name}_tiled')
+        return tiles[i]
+    for op in g.ops[1:-1]:
+        br = any(vals[i][1] for i in op.inputs)
+        xs = [tiled(i) if br else vals[i][0] for i in op.inputs]
+        if op.kind == 'identity': out = xs[0]
+        else:
+            cfg = op.layer.get_config()
+            k_in, k_out = keep[op.inputs[0]], keep[op.idx]
+            if op.kind == 'conv': cfg['filters'] = int(k_out.sum())
+            if op.kind == 'dense': cfg['units'] = int(k_out.sum())
+            l = type(op.layer).from_config(cfg)
+            out = l(xs if op.kind == 'add' else xs[0])
+            l.set_weights(_slice_weights(op, k_in, k_out))
+        if op.node:
+            tag, v = forms[op.idx]
+            if not tag.startswith('per_module'): out = _apply_mask(out, tag, v, bits, op.name, taken)
+            else:
+                shp = tuple(out.shape[1:]); n = int(np.prod(shp))
+                if tag == 'per_module_channels': mk = v.reshape((M, 1) + (1,) * (len(shp) - 1) + (shp[-1],)).astype(out.dtype)
+                else: mk = nm(ops.reshape(nm(bits(out.dtype)[(slice(v, v + M * n),)], f'{op.name}_mask_bits'), (M, 1) + shp), f'{op.name}_mask_shape')
+                base = nm(ops.reshape(out, (M, -1) + shp), f'{op.name}_by_module') if br else nm(ops.expand_dims(out, 0), f'{op.name}_per_module')
+                out = nm(ops.reshape(nm(ops.multiply(base, mk), f'{op.name}_mask'), (-1,) + shp), f'{op.name}_masked'); br = True
+        vals[op.idx] = (out, br)
+    h, br = vals[g.head_input.idx]
+    k = keep[g.head_input.idx]; d = int(k.sum())
+    W = np.stack([(np.asarray(m.head_kernel) * np.asarray(m.head_keep)[:, None])[k] for m in ms]).astype('float64')   # (M, d, 2)
+    B = np.stack([np.asarray(m.head_bias) for m in ms]).astype('float64')
+    a, b = np.array([_calib_ab(m) for m in ms]).T
+    wm, bm = a[:, None] * (W[..., 0] - W[..., 1]), a * (B[:, 0] - B[:, 1]) + b          # calibrated logit = a·margin + b, folded in
+    act = 'sigmoid' if output == 'p' else None
+    dtp = g.head.layer.dtype_policy
+    if br:
+        h3 = nm(ops.transpose(nm(ops.reshape(h, (M, -1, d)), 'subset_features_by_module'), (1, 0, 2)), 'subset_features')
+        head = layers.EinsumDense('bmd,md->bm', output_shape=(M,), bias_axes='m', activation=act, name='subset_head', dtype=dtp)
+        out = head(h3); head.set_weights([wm, bm])
+    else:
+        head = layers.Dense(M, activation=act, name='subset_head', dtype=dtp)
+        out = head(h); head.set_weights([wm.T, bm])
+    safe = '_'.join(str(m.class_index) for m in ms)
+    return keras.Model(inp, out, name=f"subset_{safe}{'_slim' if slim else ''}")
+
+@patch
+def to_keras(self:ModuleSet, slim:bool=False, exact:bool=True, output:str='p') -> keras.Model:
+    "One Keras model of the set (one parent): (batch, len(self)) calibrated p_concerned, argmax = the vote; `slim` leaves out unneeded channels."
+    return subset_keras(self, slim=slim, exact=exact, output=output)
+
+# %% ../nbs/12_compact.ipynb #8ec90098
+_MAC_OPS = ('Conv2D', 'DepthwiseConv2dNative', 'MatMul', 'BatchMatMulV2', 'BatchMatMulV3', 'Einsum')
+
+def model_macs(model:keras.Model) -> int:
+    "Multiply-accumulates of one input through `model`, counted on its traced TensorFlow graph (Conv2D, MatMul, Einsum ops; batch 1)."
+    import tensorflow as tf
+    spec = tf.TensorSpec((1,) + tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
+    total = 0
+    for o in graph.get_operations():
+        if o.type not in _MAC_OPS: continue
+        out = [int(s) for s in o.outputs[0].shape]
+        if o.type in ('Conv2D', 'DepthwiseConv2dNative'):
+            kh, kw, cin, _ = [int(s) for s in o.inputs[1].shape]
+            total += int(np.prod(out)) * kh * kw * (cin if o.type == 'Conv2D' else 1)
+        elif o.type == 'Einsum':
+            eq = o.get_attr('equation').decode(); ins, _ = eq.split('->')
+            dims = {}
+            for term, t in zip(ins.split(','), o.inputs):
+                for ch, s in zip(term, t.shape): dims[ch] = int(s)
+            total += int(np.prod(list(dims.values())))
+        else:
+            a = o.inputs[0].shape
+            ta = o.get_attr('transpose_a') if o.type == 'MatMul' else o.get_attr('adj_x')
+            total += int(np.prod(out)) * int(a[-2] if ta else a[-1])
+    return int(total)
+
+def model_sizes(model:keras.Model, repeats:int=30, batch:int=1, path=None) -> dict:
+    "What `model` costs, measured on the model itself: MACs (traced), parameters, `.keras` file bytes, median CPU latency (ms) of a `batch`."
+    import tempfile, time
+    import tensorflow as tf
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(path) if path is not None else Path(d) / 'model.keras'
+        model.save(f); nbytes = f.stat().st_size
+    x = tf.zeros((batch,) + tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype)
+    run = tf.function(lambda x: model(x, training=False))
+    run(x); run(x)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter(); run(x).numpy(); ts.append(time.perf_counter() - t)
+    return {'macs': model_macs(model), 'params': int(model.count_params()), 'file_bytes': int(nbytes),
+            'latency_ms': 1e3 * float(np.median(ts)), 'latency_batch': int(batch), 'latency_repeats': int(repeats)}
+
+# %% ../nbs/12_compact.ipynb #0551123c
+def _subset_data(ms, x, y, holdout, seed):
+    "(train indices, held-out indices, label -> position in the set or -1): the set's classes' inputs, split seeded and stratified."
+    cls = [m.class_index for m in ms]
+    y = np.asarray(y).reshape(-1).astype('int64')
+    lab = np.full(max(int(y.max()) + 1 if len(y) else 0, max(cls) + 1), -1); lab[cls] = np.arange(len(cls))
+    rng = np.random.default_rng(seed)
+    tr, ho = [], []
+    for c in range(len(cls)):
+        i = rng.permutation(np.flatnonzero(lab[y] == c)); n = int(round(holdout * len(i)))
+        if len(i) < 2 or n < 1 or n == len(i): raise DecompositionError(f'class {cls[c]} has {len(i)} training inputs: too few to train on and hold out {holdout:.0%}')
+        ho.append(i[:n]); tr.append(i[n:])
+    return np.concatenate(tr), np.concatenate(ho), lab[y]
+
+def _share_np(costs, total, gates):
+    "Share of the parent's MACs with channel gates `gates` (space -> (C,) 0/1 or soft) on the hidden Conv2D/Dense layers."
+    c = 0.0
+    for macs, si, so in costs: c += macs * (float(np.mean(gates[si])) if si is not None else 1.0) * (float(np.mean(gates[so])) if so is not None else 1.0)
+    return c / total
+
+def _fit_budget(scores, allowed, costs, total, budget):
+    "Hard gates: the channels with the highest scores (one threshold for all spaces, the best channel of each space always in) within `budget`."
+    top = {s: np.eye(len(v), dtype=bool)[int(np.argmax(np.where(allowed[s], v, -np.inf)))] for s, v in scores.items()}
+    def gates(t): return {s: ((v >= t) & allowed[s]) | top[s] for s, v in scores.items()}
+    cand = np.unique(np.concatenate([v[allowed[s]] for s, v in scores.items()]))
+    lo, hi = 0, len(cand) - 1                     # the lowest threshold whose share fits (the share falls as the threshold rises)
+    if _share_np(costs, total, gates(cand[hi])) > budget: return gates(np.inf), cand[hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _share_np(costs, total, gates(cand[mid])) <= budget: hi = mid
+        else: lo = mid + 1
+    return gates(cand[lo]), cand[lo]
+
+def learn_subset_gates(ms:ModuleSet,
+                       x, y,                  # training inputs and labels of the parent's classes (only the set's classes are used)
+                       budget:float=0.25,     # share of the parent's multiply-accumulates the gated network may use
+                       steps:int=300,         # at most this many gradient steps
+                       batch_size:int=32,
+                       lr:float=0.01,
+                       temperature:float=0.05, # of the sigmoid whose gradient stands in for the hard gates' (straight-through)
+                       holdout:float=0.2,     # share of the subset's training inputs that stops the training
+                       eval_every:int=20,     # steps between held-out checks
+                       patience:int=4,        # held-out checks without a better point before stopping
+                       seed:int=0,
+                       progress:bool=False,
+                      ):
+    "Channel gates shared by the set's modules, learned with the weights frozen on the set's classes within a FLOPs budget: (per node op bool masks, info)."
+    import tensorflow as tf
+    from tqdm import tqdm
+    g = _one_parent(ms)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) or not 0 < budget:
+        raise DecompositionError(f"budget must be a positive share of the parent's FLOPs; got {budget!r}")
+    if not 0 < holdout < 1: raise DecompositionError(f'holdout must be in (0, 1); got {holdout!r}')
+    dt = ms.modules[0].parent.inputs[0].dtype
+    union = [np.logical_or.reduce([np.asarray(m.masks[j], bool) for m in ms]) for j in range(len(g.node_ops))]
+    keep = set_channels(ms)
+    spaces = _space_nodes(g); sids = sorted(spaces)
+    space_of_node = {j: s for s, js in spaces.items() for j in js}
+    allowed = {s: keep[g.node_ops[spaces[s][0]].idx].copy() for s in sids}     # channels no module of the set needs stay off
+    costs, total = _space_costs(g)
+    def masks_of(hard):
+        return [u & hard[space_of_node[j]].reshape((1,) * (u.ndim - 1) + (-1,)) if j in space_of_node else u.copy() for j, u in enumerate(union)]
+    share0 = _share_np(costs, total, allowed)
+    info = {'budget': float(budget), 'lr': float(lr), 'batch_size': int(batch_size), 'holdout': float(holdout), 'seed': int(seed),
+            'start_flops_share': share0, 'weights': 'frozen'}
+    if budget >= share0 or not sids:   # the union already fits the budget: nothing to prune
+        return masks_of(allowed), {**info, 'steps': 0, 'flops_share': share0, 'stopped': 'the union fits the budget'}
+    tr, ho, lab = _subset_data(ms, x, y, holdout, seed)
+    x = np.asarray(x)
+    cls = [m.class_index for m in ms]
+    Wp, bp = g.head.layer.get_weights()[:2]
+    Wk, bk = tf.constant(Wp[:, cls], dt), tf.constant(bp[cls], dt)
+    union_c = [tf.constant(u[None], dt) for u in union]
+    # starting scores: each channel's mean |activation| on the subset's training inputs, per space scaled to [0, 1]
+    rng = np.random.default_rng(seed)
+    probe = tf.function(lambda xb: forward(g, xb, union_c, n_modules=1, collect=True))
+    first = rng.choice(tr, size=min(256, len(tr)), replace=False)
+    vals = probe(tf.constant(model_input(x[first], dt)))
+    scores = {}
+    for s in sids:
+        a = np.mean([np.abs(vals[j].numpy()).reshape(-1, vals[j].shape[-1]).mean(0) for j in spaces[s]], 0)
+        scores[s] = tf.Variable(tf.constant(a / max(a.max(), 1e-12), dt))
+    var_list = [scores[s] for s in sids]
+    opt = keras.optimizers.Adam(learning_rate=lr)
+    def feats(xb, gs):
+        ms_ = [union_c[j] * tf.reshape(gs[space_of_node[j]], [1] * len(shp) + [-1]) if j in space_of_node else union_c[j]
+               for j, shp in enumerate(g.node_shapes)]
+        return forward(g, xb, ms_, n_modules=1)
+    @tf.function(reduce_retracing=True)
+    def step(xb, yb, hard, thr):
+        with tf.GradientTape() as tape:
+            gs = {}
+            for s in sids:
+                soft = tf.sigmoid((scores[s] - thr) / temperature)
+                gs[s] = hard[s] + soft - tf.stop_gradient(soft)          # forward: the hard gates; backward: the sigmoid's slope
+            z = tf.matmul(feats(xb, gs), Wk) + bk
+            task = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=z))
+        opt.apply_gradients(zip(tape.gradient(task, var_list), var_list))
+        return task
+    @tf.function(reduce_retracing=True)
+    def predict(xb, gs): return tf.argmax(tf.matmul(feats(xb, gs), Wk) + bk, 1)
+    def current():
+        return _fit_budget({s: scores[s].numpy() for s in sids}, allowed, costs, total, budget)
+    def check(hard):
+        gs = {s: tf.constant(hard[s], dt) for s in sids}
+        pred = np.concatenate([predict(tf.constant(model_input(x[ho[i:i + 256]], dt)), gs).numpy() for i in range(0, len(ho), 256)])
+        return float((pred == lab[ho]).mean())
+    hard, thr = current()
+    best = (hard, check(hard), 0); hist = [(0, None, _share_np(costs, total, hard), best[1])]; since, t = 0, 0
+    for t in tqdm(range(1, steps + 1), desc='learning subset gates', disable=not progress, leave=False):
+        b = rng.choice(tr, size=min(batch_size, len(tr)), replace=False)
+        task = step(tf.constant(model_input(x[b], dt)), tf.constant(lab[b], tf.int32), {s: tf.constant(hard[s], dt) for s in sids}, tf.constant(thr, dt))
+        hard, thr = current()
+        if t % eval_every and t != steps: continue
+        acc = check(hard); hist.append((t, float(task), _share_np(costs, total, hard), acc))
+        if acc > best[1]: best, since = (hard, acc, t), 0
+        else: since += 1
+        if since >= patience: break
+    share = _share_np(costs, total, best[0])
+    info.update(steps=int(t), best_step=int(best[2]), flops_share=share, holdout_top1=best[1], met_budget=bool(share <= budget),
+                stopped='held-out top-1 stopped improving' if since >= patience else 'steps', history=hist)
+    return masks_of(best[0]), info
+
+def reengineer_subset(ms:ModuleSet, x, y,
+                      budget:float=0.25,
+                      refit_head:bool=True,   # re-fit the heads on the subset (multinomial logistic regression); False: the modules' own heads
+                      C:float=1.0,            # inverse L2 strength of the head's regression
+                      **kw,                   # passed to `learn_subset_gates`
+                     ):
+    "A `ModuleSet` of the set's classes with learned shared channel gates (weights frozen) and, by default, heads re-fitted on the subset."
+    import dataclasses
+    from sklearn.linear_model import LogisticRegression
+    masks, info = learn_subset_gates(ms, x, y, budget=budget, **kw)
+    mods = [dataclasses.replace(m, masks=[k.copy() for k in masks], provenance={**m.provenance, 'subset_gates': {k: v for k, v in info.items() if k != 'history'}})
+            for m in ms]
+    if refit_head:
+        tr, ho, lab = _subset_data(ms, x, y, kw.get('holdout', 0.2), kw.get('seed', 0))
+        full = np.ones_like(np.asarray(mods[0].head_keep, bool))
+        feat = head_features(dataclasses.replace(mods[0], head_keep=full), np.asarray(x)[tr])
+        lr_ = LogisticRegression(C=C, max_iter=5000).fit(feat, lab[tr])
+        W, b = lr_.coef_.T, lr_.intercept_
+        if len(ms) == 2: W, b = np.c_[-W / 2, W / 2], np.r_[-b / 2, b / 2]      # the binary regression as two logits
+        dtype = np.asarray(ms.modules[0].head_kernel).dtype
+        for i, m in enumerate(mods):
+            hk = np.zeros((W.shape[0], 2), dtype); hk[:, 0] = W[:, i]
+            mods[i] = dataclasses.replace(m, head_kernel=hk, head_bias=np.array([b[i], 0.0], dtype), head_keep=full,
+                                          provenance={**m.provenance, 'head': {'refit': 'multinomial logistic regression on the subset', 'C': C,
+                                                                               'inputs': int(len(tr)), 'train_accuracy': float(lr_.score(feat, lab[tr]))}})
+    out = ModuleSet(mods, ms.name)
+    out.info = info
+    return out
+
+# %% ../nbs/12_compact.ipynb #6e9eb198
+def finetune_subset_model(model:keras.Model,   # a subset model with output='logit' (`ModuleSet.to_keras(..., output='logit')`)
+                          x, targets,           # training inputs and the parent's probabilities restricted to the subset (rows sum to 1)
+                          epochs:int=2, lr:float=1e-4, batch_size:int=64,
+                          validation:float=0.2, # share held out: the best epoch on it is kept
+                          seed:int=0, verbose=0) -> keras.Model:
+    "A copy of `model` whose kept weights are trained (it TRAINS weights) to match the parent's restricted probabilities (distillation)."
+    import tensorflow as tf
+    keras.utils.set_random_seed(seed)
+    m = keras.models.clone_model(model); m.set_weights(model.get_weights())
+    for l in m.layers:
+        if isinstance(l, layers.BatchNormalization): l.trainable = False      # statistics and scales stay the parent's
+    m.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    x, t = np.asarray(x), np.asarray(targets, 'float32')
+    idx = np.random.default_rng(seed).permutation(len(x)); n = int(round(validation * len(x)))
+    va, tr = idx[:n], idx[n:]
+    cb = [keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)] if n else []
+    m.fit(x[tr], t[tr], epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True,
+          validation_data=(x[va], t[va]) if n else None, callbacks=cb)
+    out = keras.models.clone_model(model); out.set_weights(m.get_weights())   # a clone of the uncompiled input: its file holds no optimizer state
+    return out
