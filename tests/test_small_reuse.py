@@ -29,7 +29,7 @@ from cnn_strategies import cnn_specs, build, props, make_data
 from cnnmodules.graph import graph_of, DecompositionError
 from cnnmodules.modules import Module, ModuleSet
 from cnnmodules.modularize import channel_head
-from cnnmodules.compose import module_logits, vote_margin
+from cnnmodules.compose import module_logits, vote_margin, calibration_record, calibration_of
 from cnnmodules.decompose import decompose
 from cnnmodules.compact import channel_spaces, model_macs, model_sizes, learn_subset_gates, reengineer_subset, _space_nodes
 
@@ -56,7 +56,7 @@ def random_set(m, rng, classes, p_keep=0.7, calibrate=False):
     mods = []
     for i, c in enumerate(classes):
         mod = Module(c, str(c), random_masks(g, rng, p_keep), hk[i], hb[i], rng.random(hk.shape[1]) < .9, m)
-        if calibrate: mod.calibration = {'a': float(rng.uniform(0.3, 3)), 'b': float(rng.normal())}
+        if calibrate: mod.calibration = calibration_record(mod, float(rng.uniform(0.3, 3)), float(rng.normal()))   # fitted for this head
         mods.append(mod)
     return ModuleSet(mods)
 
@@ -76,8 +76,8 @@ def test_subset_model_is_the_composed_vote(data):
     ms = random_set(m, rng, classes, calibrate=calibrate)
     x = rng.normal(size=(64,) + tuple(spec['shape']))
     z = module_logits(ms, x)
-    a = np.array([getattr(mod, 'calibration', {'a': 1.0})['a'] for mod in ms])
-    b = np.array([getattr(mod, 'calibration', {'b': 0.0})['b'] for mod in ms])
+    a = np.array([(mod.calibration or {'a': 1.0})['a'] for mod in ms])
+    b = np.array([(mod.calibration or {'b': 0.0})['b'] for mod in ms])
     cal = a * (z[..., 0] - z[..., 1]) + b
     for slim in (True, False):
         p = np.asarray(ms.to_keras(slim=slim)(x))
@@ -209,7 +209,8 @@ def test_gates_at_budget_one_are_the_unpruned_union(decomposed):
     r = reengineer_subset(sub, x, y, budget=1.0, refit_head=False)
     ums = ModuleSet([dataclasses.replace(mod, masks=[u.copy() for u in union]) for mod in sub])
     z = module_logits(ums, x)
-    np.testing.assert_allclose(np.asarray(r.to_keras(slim=True)(x)), sigmoid(z[..., 0] - z[..., 1]), atol=1e-9)
+    a, b = np.array([calibration_of(mod) for mod in ums]).T            # decompose fitted them; the union keeps the heads
+    np.testing.assert_allclose(np.asarray(r.to_keras(slim=True)(x)), sigmoid(a * (z[..., 0] - z[..., 1]) + b), atol=1e-9)
 
 
 def test_gates_fit_the_budget_train_no_weight_and_tie_channels(decomposed):
