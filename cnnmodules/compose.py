@@ -58,7 +58,7 @@ def _score_fn(g, kind):
             @tf.function(reduce_retracing=True)
             def f(xb, removed, hk, hb):
                 h, nodes = forward(g, xb, collect='both')
-                dirty = 0.
+                dirty = tf.zeros([tf.shape(xb)[0], tf.shape(hk)[0]])   # no node layer (issue 16): nothing is dirty
                 for v, r in zip(nodes, removed):   # how many removed nodes of each module are non-zero on each input
                     nz = tf.cast(tf.reshape(v, [tf.shape(v)[0], -1]) != 0, tf.float32)
                     dirty += tf.matmul(nz, r, transpose_b=True)
