@@ -74,3 +74,23 @@ def test_refusals_name_the_layer():
     m = keras.Model(inp, keras.layers.Dense(2, activation='softmax')(keras.layers.GlobalAveragePooling2D()(x)))
     with pytest.raises(DecompositionError, match="'rows'.*only the last"): graph_of(m)
 
+
+from pathlib import Path
+import json
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared' / 'data'
+
+
+@pytest.mark.skipif(not (SHARED / 'cifar10-jpeg.zip').exists(), reason=f'no offline CIFAR-10 copy at {SHARED}')
+def test_architectures_notebook(tmp_path):
+    "nbs/experiments/architectures.ipynb under papermill at its CI-sized defaults."
+    papermill = pytest.importorskip('papermill')
+    exp = REPO / 'nbs' / 'experiments'
+    papermill.execute_notebook(str(exp / 'architectures.ipynb'), str(tmp_path / 'out.ipynb'),
+                               parameters=dict(data_dir=str(SHARED), out_dir=str(tmp_path / 'arch')),
+                               cwd=str(exp), kernel_name='python3', progress_bar=False)
+    m = json.loads((tmp_path / 'arch' / 'metrics.json').read_text())
+    (row,) = m['rows']
+    assert row['accepted'] and row['nodes'] > 0 and 0 < row['kept_share'] <= 1
+    assert 0 <= row['argmax_agreement'] <= 1 and 0 <= row['composed_top1'] <= 1 and row['module_file_mb'] > 0
