@@ -38,8 +38,8 @@ def _group_by_parent(ms):
     groups = []
     for i, m in enumerate(ms.modules):
         for p, rule, idx in groups:
-            if p is m.parent and rule == m.linear_nodes: idx.append(i); break
-        else: groups.append((m.parent, m.linear_nodes, [i]))
+            if p is m.parent and rule is m.graph: idx.append(i); break   # one graph: one parent under one node rule
+        else: groups.append((m.parent, m.graph, [i]))
     return groups
 
 def _score_fn(g, kind):

@@ -237,7 +237,7 @@ class ModuleSet:
                 mods = []
                 for i, e in enumerate(manifest['modules']):
                     p = parents[e['parent']]
-                    g = graph_of(p, e['provenance'].get('linear_nodes', 'backtrack'))
+                    g = graph_of(p, e['provenance'].get('linear_nodes', 'backtrack'), e['provenance'].get('approx_nodes'))
                     if [tuple(s) for s in e['mask_shapes']] != g.node_shapes: raise DecompositionError(f'{path}: module {i} masks do not fit its parent')
                     masks = [np.unpackbits(arrays[f'm{i}_{j}'], count=int(np.prod(s))).astype(bool).reshape(s) for j, s in enumerate(g.node_shapes)]
                     hk = arrays[f'hk{i}']

@@ -524,3 +524,11 @@ def test_approx_nodes_rule():
     assert approx[0].provenance['approx_nodes'] == 0.05 and approx[0].graph is ga
     assert exact[0].kept_fraction() == 1.0
     with pytest.raises(DecompositionError, match='approx_nodes'): graph_of(m, approx_nodes=-1)
+    # modules of one parent under both rules compose together, and the rule survives save -> load
+    both = exact[:2] + approx[2:]
+    pc, _ = both.predict(x)
+    np.testing.assert_allclose(pc, np.concatenate([exact[:2].predict(x)[0], approx[2:].predict(x)[0]], 1), rtol=1e-12)
+    with tempfile.TemporaryDirectory() as d:
+        back = ModuleSet.load(approx.save(Path(d) / 'a.cnnmodules'))
+        assert back[0].graph.approx_nodes == 0.05
+        np.testing.assert_allclose(back.predict(x)[0], approx.predict(x)[0], rtol=1e-12)
