@@ -11,18 +11,19 @@ import keras
 from keras import layers
 from fastcore.basics import patch
 
-from .graph import LayerGraph, DecompositionError, forward, graph_of, model_input
+from .graph import LayerGraph, DecompositionError, forward, graph_of, model_input, export_op, ZERO_ACTS
 from .concern import ActivationCounts, sample_inputs, _check_rate
 from .modularize import live_elements
 from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing
 
 # %% auto #0
-__all__ = ['GRANULARITIES', 'channel_spaces', 'channel_kept', 'slim_channels', 'parent_size', 'slim_keras', 'head_features',
-           'refit_heads', 'learn_channel_masks', 'check_compact_args', 'set_channels', 'subset_keras', 'model_macs',
-           'model_sizes', 'learn_subset_gates', 'reengineer_subset', 'finetune_subset_model']
+__all__ = ['SLIM_KINDS', 'GRANULARITIES', 'channel_spaces', 'channel_kept', 'slim_channels', 'parent_size', 'slim_keras',
+           'head_features', 'refit_heads', 'learn_channel_masks', 'check_compact_args', 'set_channels', 'subset_keras',
+           'model_macs', 'model_sizes', 'learn_subset_gates', 'reengineer_subset', 'finetune_subset_model']
 
 # %% ../nbs/12_compact.ipynb #187f2e3c
-_SAME_CHANNELS = ('relu', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'zeropad')
+_SAME_CHANNELS = ('relu', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'zeropad',
+                  'act', 'scale', 'shift', 'gmp', 'crop')   # issue 16: other element-wise and per-channel layers
 
 def channel_spaces(graph:LayerGraph) -> list:
     "Per op of `graph` (head excluded: None), the id of its channel space: ops joined by channel-preserving layers and `Add`s share one."
@@ -37,6 +38,9 @@ def channel_spaces(graph:LayerGraph) -> list:
         if op.kind in _SAME_CHANNELS: union(op.idx, op.inputs[0])
         elif op.kind == 'add':
             for i in op.inputs: union(op.idx, i)
+        elif op.kind == 'mul':   # a product (a squeeze-excite gate) keeps the channels of the factors of its width
+            for i in op.inputs:
+                if graph.ops[i].shape[-1] == op.shape[-1]: union(op.idx, i)
     return [find(op.idx) for op in graph.ops[:-1]] + [None]
 
 # %% ../nbs/12_compact.ipynb #6eeba0be
@@ -73,16 +77,26 @@ def channel_kept(counts:ActivationCounts,
     return out
 
 # %% ../nbs/12_compact.ipynb #ef1670f8
+SLIM_KINDS = ('input', 'conv', 'dense', 'relu', 'act', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'flatten', 'zeropad', 'add', 'head')
+
+def _check_slim(g):
+    "Raise a `DecompositionError` naming the first layer the slim export cannot slice (issue 16: the masked export handles all)."
+    for op in g.ops:
+        if op.kind not in SLIM_KINDS or op.kind == 'head' and type(op.layer).__name__ != 'Dense':
+            raise DecompositionError(f"the slim export cannot slice layer '{op.name}' ({type(op.layer).__name__}, {op.kind}): channels through it are not "
+                                     f"sliced yet; use to_keras() (the masked export: the same outputs, the parent's size)")
+
 def slim_channels(module:Module) -> dict:
     "Op index -> (last-axis size,) bool: the channels (units, features) of each op's output that the slim model of `module` keeps."
     g = module.graph
+    _check_slim(g)
     live = live_elements(g, [m[None] for m in module.masks], np.asarray(module.head_keep, bool)[None], through_conv=True)
     sp = channel_spaces(g)
     masks = {op.idx: np.asarray(m) for op, m in zip(g.node_ops, module.masks)}
     zero, need = {0: np.zeros(g.ops[0].shape[-1], bool)}, {}
     for op in g.ops[1:-1]:
         C = op.shape[-1]
-        if op.kind in ('relu', 'identity', 'maxpool', 'avgpool', 'gap', 'zeropad'): z = zero[op.inputs[0]].copy()   # 0 in, 0 out
+        if op.kind in ('relu', 'identity', 'maxpool', 'avgpool', 'gap', 'zeropad') or op.kind == 'act' and op.act in ZERO_ACTS: z = zero[op.inputs[0]].copy()   # 0 in, 0 out
         elif op.kind == 'add': z = np.logical_and.reduce([zero[i] for i in op.inputs])
         elif op.kind == 'flatten': src = g.ops[op.inputs[0]]; z = np.broadcast_to(zero[src.idx], src.shape).reshape(-1).copy()
         else: z = np.zeros(C, bool)                                                                                 # BN, biases: not 0
@@ -110,8 +124,16 @@ def _layer_cost(op, k_in, k_out):
         return kh * kw * k_in * k_out + (k_out if l.use_bias else 0), Ho * Wo * kh * kw * k_in * k_out
     if op.kind in ('dense', 'head'):
         return k_in * k_out + (k_out if l.use_bias else 0), k_in * k_out
+    if op.kind in ('gconv', 'dwconv', 'sepconv'):   # issue 16 (never sliced: k_in, k_out are the full widths)
+        kh, kw = l.kernel_size if op.kind != 'sepconv' else l.kernel_size
+        Ho, Wo = op.shape[:2]
+        b = k_out if l.use_bias else 0
+        if op.kind == 'gconv': w = kh * kw * (k_in // l.groups) * k_out; return w + b, Ho * Wo * w
+        if op.kind == 'dwconv': w = kh * kw * k_out; return w + b, Ho * Wo * w
+        dw, pw = kh * kw * k_in * l.depth_multiplier, k_in * l.depth_multiplier * k_out
+        return dw + pw + b, Ho * Wo * (dw + pw)
     if op.kind == 'bn': return len(l.get_weights()) * k_out, 0
-    if l is not None: return int(sum(np.size(w) for w in l.get_weights())), 0   # unsliced layers (Normalization in the input space)
+    if l is not None and hasattr(l, 'get_weights'): return int(sum(np.size(w) for w in l.get_weights())), 0   # unsliced layers (Normalization in the input space)
     return 0, 0
 
 def parent_size(graph:LayerGraph) -> dict:
@@ -126,7 +148,14 @@ def parent_size(graph:LayerGraph) -> dict:
 def size(self:Module) -> dict:
     "Parameters and FLOPs of the module's slim model, and as % of the parent's."
     g = self.graph
-    keep = slim_channels(self)
+    try: keep = slim_channels(self)
+    except DecompositionError:   # no slim export for this graph (issue 16): the masked export's size, the parent's
+        ref = parent_size(g)
+        a, _ = _layer_cost(g.head, g.head_input.shape[0], 2)
+        h, _ = _layer_cost(g.head, g.head_input.shape[0], g.num_classes)
+        p, f = ref['params'] - h + a, ref['flops']
+        return {'params': int(p), 'flops': int(f), 'parent_params': ref['params'], 'parent_flops': ref['flops'],
+                'params_pct': 100 * p / ref['params'], 'flops_pct': 100 * f / ref['flops'], 'slim': False}
     p = f = 0
     for op in g.ops[1:-1]:
         k_in = int(keep[op.inputs[0]].sum()) if op.inputs[0] in keep else g.ops[op.inputs[0]].shape[-1]
@@ -158,15 +187,11 @@ def slim_keras(module:Module) -> keras.Model:
     vals = {0: inp}
     for op in g.ops[1:-1]:
         xs = [vals[i] for i in op.inputs]
-        if op.kind == 'identity': out = xs[0]
-        else:
-            cfg = op.layer.get_config()
-            k_in, k_out = keep[op.inputs[0]], keep[op.idx]
-            if op.kind == 'conv': cfg['filters'] = int(k_out.sum())
-            if op.kind == 'dense': cfg['units'] = int(k_out.sum())
-            l = type(op.layer).from_config(cfg)
-            out = l(xs if op.kind == 'add' else xs[0])
-            l.set_weights(_slice_weights(op, k_in, k_out))
+        cfg = op.layer.get_config() if op.layer is not None else None
+        k_in, k_out = keep[op.inputs[0]], keep[op.idx]
+        if op.kind == 'conv': cfg['filters'] = int(k_out.sum())
+        if op.kind == 'dense': cfg['units'] = int(k_out.sum())
+        out = export_op(op, xs, cfg, _slice_weights(op, k_in, k_out))
         if op.node: out = _apply_mask(out, *forms[op.idx], bits, op.name, taken)
         vals[op.idx] = out
     k = keep[g.head_input.idx]

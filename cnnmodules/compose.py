@@ -41,8 +41,8 @@ def _group_by_parent(ms):
     groups = []
     for i, m in enumerate(ms.modules):
         for p, rule, idx in groups:
-            if p is m.parent and rule == m.linear_nodes: idx.append(i); break
-        else: groups.append((m.parent, m.linear_nodes, [i]))
+            if p is m.parent and rule is m.graph: idx.append(i); break   # one graph: one parent under one node rule
+        else: groups.append((m.parent, m.graph, [i]))
     return groups
 
 def _score_fn(g, kind):
@@ -61,7 +61,7 @@ def _score_fn(g, kind):
             @graph_function
             def f(xb, removed, hk, hb):
                 h, nodes = forward(g, xb, collect='both')
-                dirty = 0.
+                dirty = tf.zeros([tf.shape(xb)[0], tf.shape(hk)[0]])   # no node layer (issue 16): nothing is dirty
                 for v, r in zip(nodes, removed):   # how many removed nodes of each module are non-zero on each input
                     nz = tf.cast(tf.reshape(v, [tf.shape(v)[0], -1]) != 0, tf.float32)
                     dirty += tf.matmul(nz, r, transpose_b=True)

@@ -70,8 +70,9 @@ def _counter(graph, n_classes:int, strategy=None):
         def add(xb, label, tangling):
             valid = label >= 0                                       # padding rows carry label -1
             lab, tan = tf.boolean_mask(label, valid), tf.boolean_mask(tangling, valid)
-            for a, v in zip(acc, forward(graph, xb, collect=True)):
-                on = tf.boolean_mask(tf.reshape(tf.cast(v > 0, tf.int32), [tf.shape(v)[0], -1]), valid)
+            for a, v, op in zip(acc, forward(graph, xb, collect=True), graph.node_ops):
+                act = v > 0 if op.active_above is None else tf.abs(v) > op.active_above   # exact rule: |v| > 0, i.e. v ≠ 0
+                on = tf.boolean_mask(tf.reshape(tf.cast(act, tf.int32), [tf.shape(v)[0], -1]), valid)
                 if strategy is None:   # each input's activity into its class's row: O(batch × nodes), whatever the number of classes
                     a.scatter_add(tf.IndexedSlices(on, lab))
                     a.scatter_add(tf.IndexedSlices(tf.boolean_mask(on, tan), tf.boolean_mask(lab, tan) + n_classes))

@@ -87,7 +87,7 @@ def check_decompose_args(graph,                 # the model's `LayerGraph` (from
 def _kept_after_ci(counts, min_rate:float=0.0) -> list:
     "Nodes each module keeps after CI alone (node rule, `min_rate` as in `kept_nodes`), one layer at a time (no second copy of the masks)."
     cls, E = counts.sample.classes, counts.sample.n_concerned
-    return [int(v) for v in sum(((c[cls] > 0) & (c[cls] >= min_rate * E)).reshape(len(cls), -1).sum(1, dtype=np.int64) for c in counts.concerned)]
+    return [int(v) for v in sum((((c[cls] > 0) & (c[cls] >= min_rate * E)).reshape(len(cls), -1).sum(1, dtype=np.int64) for c in counts.concerned), np.zeros(len(cls), np.int64))]   # no node layer (issue 16): 0 each
 
 def decompose(model,                       # a trained Keras classifier (functional or Sequential), or the path of its .keras file
               x, y,                        # training inputs and integer labels
@@ -95,6 +95,7 @@ def decompose(model,                       # a trained Keras classifier (functio
               steps=('ci', 'ti', 'mc', 'blc'),
               delta:float=0.5,             # δ of MC-BLN
               linear_nodes:str='backtrack', # 'backtrack': linear layers' outputs are removed only by backtracking; 'paper': masked when ≤ 0 like ReLU outputs
+              approx_nodes:float|None=None, # None: outputs of smooth activations (SiLU, GELU, sigmoid, ...) are not nodes; eps: they are, inactive when |value| ≤ eps (approximate)
               classes=None,                # class indices to build modules for (default: all)
               seed:int=0,
               class_names=None,            # names of the classes (default: their indices)
@@ -114,7 +115,7 @@ def decompose(model,                       # a trained Keras classifier (functio
     "Decompose `model` into one module per class (a `ModuleSet`, position i = class `classes[i]`)."
     t0 = time.perf_counter()
     model = as_model(model)
-    g = graph_of(model, linear_nodes)
+    g = graph_of(model, linear_nodes, approx_nodes)
     N = g.num_classes
     check_decompose_args(g, x, y, n_concerned, classes, delta, steps, seed=seed, batch_size=batch_size, class_names=class_names)
     check_compact_args(min_rate, granularity, refit_head, mask_sparsity, mask_steps, mask_batch)
@@ -146,7 +147,7 @@ def decompose(model,                       # a trained Keras classifier (functio
     for i, c in enumerate(cls):
         prov = {'parent_hash': phash, 'parent_name': model.name, 'dataset': dataset, 'class_index': c,
                 'n_concerned': s.n_concerned, 'n_concerned_auto': auto_e, 'n_tangling': s.n_tangling,
-                'steps': list(steps), 'delta': delta, 'linear_nodes': linear_nodes, 'seed': seed, 'cnnmodules': cnnmodules.__version__,
+                'steps': list(steps), 'delta': delta, 'linear_nodes': linear_nodes, 'approx_nodes': g.approx_nodes, 'seed': seed, 'cnnmodules': cnnmodules.__version__,
                 'min_rate': float(min_rate), 'granularity': granularity, 'learned_masks': learned, 'refit_head': bool(refit_head),
                 'nodes': total,
                 'kept_ci': kept_ci[i],

@@ -13,76 +13,124 @@ import keras
 from keras import layers
 
 # %% auto #0
-__all__ = ['SUPPORTED', 'LINEAR_NODES', 'DecompositionError', 'Op', 'LayerGraph', 'model_hash', 'graph_of', 'model_input',
-           'as_model', 'check_data', 'check_finite', 'input_range_problem', 'warn_input_range', 'graph_function',
-           'forward']
+__all__ = ['SUPPORTED', 'LINEAR_NODES', 'WEIGHTED', 'EXACT_ACTS', 'SMOOTH_ACTS', 'ZERO_ACTS', 'DecompositionError', 'Op',
+           'LayerGraph', 'model_hash', 'graph_of', 'model_input', 'as_model', 'check_data', 'check_finite',
+           'input_range_problem', 'warn_input_range', 'graph_function', 'apply_op', 'forward', 'export_op']
 
 # %% ../nbs/02_graph.ipynb #f617355f
 class DecompositionError(ValueError):
     "A model, input or module the decomposition cannot handle; the message says what was expected."
 
 SUPPORTED = ('InputLayer', 'Rescaling', 'Normalization', 'Conv2D', 'Dense', 'Add', 'Activation', 'ReLU', 'MaxPooling2D',
-             'AveragePooling2D', 'GlobalAveragePooling2D', 'Flatten', 'BatchNormalization', 'Dropout', 'ZeroPadding2D')
+             'AveragePooling2D', 'GlobalAveragePooling2D', 'Flatten', 'BatchNormalization', 'Dropout', 'ZeroPadding2D',
+             # issue 16: the keras.applications families
+             'DepthwiseConv2D', 'SeparableConv2D', 'Concatenate', 'Multiply', 'Reshape', 'GlobalMaxPooling2D', 'Cropping2D',
+             'Softmax', 'LayerNormalization', 'LeakyReLU', 'ELU', 'SpatialDropout2D', 'Identity', 'LayerScale')
 LINEAR_NODES = ('backtrack', 'paper')
+WEIGHTED = ('conv', 'gconv', 'dwconv', 'sepconv', 'dense')   # hidden layers with weights that mix their inputs
+
+# activations whose output is exactly 0 on a whole range of inputs: their outputs are nodes (exact rule)
+EXACT_ACTS = ('relu', 'relu6', 'hard_sigmoid', 'hard_silu', 'hard_swish')
+# activations that are 0 only at an isolated point (or never): not nodes by default; nodes under `approx_nodes`
+SMOOTH_ACTS = ('leaky_relu', 'elu', 'selu', 'celu', 'silu', 'swish', 'gelu', 'sigmoid', 'tanh', 'softplus', 'softsign',
+               'mish', 'hard_tanh', 'log_sigmoid', 'exponential')
+# activations with f(0) = 0: a removed (zero) input stays zero through them
+ZERO_ACTS = ('linear', 'relu', 'relu6', 'hard_silu', 'hard_swish', 'leaky_relu', 'elu', 'selu', 'celu', 'silu', 'swish', 'gelu',
+             'tanh', 'softsign', 'mish', 'hard_tanh')
 
 @dataclass
 class Op:
-    "One layer call of the model's graph."
+    "One layer (or `keras.ops` operation) call of the model's graph."
     idx: int                 # position in topological order
     name: str                # layer name
-    kind: str                # input, affine, conv, dense, add, relu, bn, maxpool, avgpool, gap, flatten, identity, zeropad, head
-    layer: object            # the Keras layer (None for the input)
+    kind: str                # input, affine, conv, gconv, dwconv, sepconv, dense, add, mul, concat, relu, act, scale, shift, bn, layernorm,
+                             # maxpool, avgpool, gap, gmp, flatten, reshape, identity, zeropad, crop, head
+    layer: object            # the Keras layer or operation (None for the input)
     inputs: list             # indices of the ops feeding this one
     shape: tuple             # output shape without the batch axis
     node: bool = False       # is this op's output a node tensor (masked by modules)?
     consumers: list = field(default_factory=list)
+    act: str = 'linear'      # the activation applied to this op's output (fused or standalone)
+    active_above: float|None = 0.0  # a node is active when |value| > this; None: when value > 0 (the paper's rule for linear outputs)
+    call: object = None      # the Keras node of the call: its arguments place the input tensors (constants, lists)
 
     def __repr__(self): return f"Op({self.idx}:{self.name} {self.kind} {self.shape}{' node' if self.node else ''} <- {self.inputs})"
 
 # %% ../nbs/02_graph.ipynb #156a23e4
 def _act_name(a):
-    return getattr(a, '__name__', str(a)) if a is not None else 'linear'
+    n = getattr(a, '__name__', str(a)) if a is not None else 'linear'
+    return {'swish': 'silu', 'hard_swish': 'hard_silu'}.get(n, n)
 
 def _check_conv(l):
     c = l.get_config()
-    if tuple(c.get('dilation_rate', (1, 1))) != (1, 1): raise DecompositionError(f"layer '{l.name}': Conv2D with dilation_rate {c['dilation_rate']} is not supported (only 1)")
-    if c.get('groups', 1) != 1: raise DecompositionError(f"layer '{l.name}': grouped Conv2D (groups={c['groups']}) is not supported")
+    if tuple(c.get('dilation_rate', (1, 1))) != (1, 1): raise DecompositionError(f"layer '{l.name}': {type(l).__name__} with dilation_rate {c['dilation_rate']} is not supported (only 1)")
     if c.get('data_format', 'channels_last') != 'channels_last': raise DecompositionError(f"layer '{l.name}': data_format must be 'channels_last'")
 
-def _kind(l, is_head):
+def _check_act(l, act):
+    if act == 'softmax': raise DecompositionError(f"layer '{l.name}': softmax is supported only as the output layer's activation (after the output Dense)")
+    if act not in EXACT_ACTS + SMOOTH_ACTS + ('linear',):
+        raise DecompositionError(f"layer '{l.name}': hidden activation '{act}' is not supported; supported: {', '.join(EXACT_ACTS + SMOOTH_ACTS)}")
+    return act
+
+def _relu_act(l):
+    "The activation a `ReLU` layer computes: 'relu' (exactly 0 below its threshold, clipped or not) or 'leaky_relu'."
+    c = l.get_config()
+    if c.get('negative_slope') or 0: return 'leaky_relu'
+    if (c.get('threshold') or 0) < 0: raise DecompositionError(f"layer '{l.name}': ReLU with a negative threshold is not supported (its output is not 0 below the threshold)")
+    if c.get('max_value') is not None and c['max_value'] <= 0: raise DecompositionError(f"layer '{l.name}': ReLU with max_value {c['max_value']} ≤ 0 is not supported")
+    return 'relu'
+
+def _op_kind(o, n_tensors):
+    "Kind of a `keras.ops` operation in a functional graph: add/mul of two tensors, or shift/scale by a constant."
+    cls = type(o).__name__
+    if cls in ('Add', 'Multiply'):
+        if n_tensors == 2: return 'add' if cls == 'Add' else 'mul'
+        if n_tensors == 1: return 'shift' if cls == 'Add' else 'scale'
+    raise DecompositionError(f"operation '{o.name}' ({cls}, a keras.ops call) is not supported; only + and * (of two tensors, or of a tensor and a constant)")
+
+def _kind(l, is_head, n_tensors=1):
+    "(kind, activation) of layer `l`."
     cls = type(l).__name__
+    if not isinstance(l, layers.Layer): return _op_kind(l, n_tensors), 'linear'
     if cls not in SUPPORTED:
         raise DecompositionError(f"layer '{l.name}' of type {cls} is not supported; supported layers: {', '.join(SUPPORTED)}")
-    if cls in ('Conv2D', 'Dense'):
+    if is_head:
+        act = _act_name(getattr(l, 'activation', None))
+        if cls not in ('Dense', 'Conv2D') or act not in ('softmax', 'linear') or (cls == 'Conv2D' and act != 'linear'):
+            raise DecompositionError(f"the output layer '{l.name}' must be a Dense layer with softmax or linear activation; got {cls} with {act}")
+        return 'head', act
+    if cls in ('Conv2D', 'Dense', 'DepthwiseConv2D', 'SeparableConv2D'):
         act = _act_name(l.activation)
-        if is_head:
-            if cls != 'Dense' or act not in ('softmax', 'linear'):
-                raise DecompositionError(f"the output layer '{l.name}' must be a Dense layer with softmax or linear activation; got {cls} with {act}")
-            return 'head'
-        if act == 'softmax': raise DecompositionError(f"layer '{l.name}': softmax is supported only as the output layer's activation; hidden layers must use ReLU")
-        if act not in ('relu', 'linear'):
-            raise DecompositionError(f"layer '{l.name}': hidden activation '{act}' is not supported; hidden layers must use ReLU (or be linear and followed by ReLU)")
-        if cls == 'Conv2D': _check_conv(l)
-        return 'conv' if cls == 'Conv2D' else 'dense'
+        if act == 'softmax': raise DecompositionError(f"layer '{l.name}': softmax is supported only as the output layer's activation; hidden layers must not use it")
+        _check_act(l, act)
+        if cls == 'Dense': return 'dense', act
+        _check_conv(l)
+        if cls == 'DepthwiseConv2D': return 'dwconv', act
+        if cls == 'SeparableConv2D': return 'sepconv', act
+        return ('gconv' if l.get_config().get('groups', 1) != 1 else 'conv'), act
     if cls == 'Activation':
         act = _act_name(l.activation)
-        if act == 'softmax': raise DecompositionError(f"layer '{l.name}': softmax is supported only as the output layer's activation (after the output Dense)")
-        if act == 'linear': return 'identity'
-        if act != 'relu': raise DecompositionError(f"layer '{l.name}': hidden activation '{act}' is not supported; only ReLU")
-        return 'relu'
+        if act == 'linear': return 'identity', 'linear'
+        return ('relu' if act in ('relu', 'relu6') else 'act'), _check_act(l, act)
     if cls == 'ReLU':
-        c = l.get_config()
-        if c.get('max_value') is not None or c.get('negative_slope', 0) or c.get('threshold', 0):
-            raise DecompositionError(f"layer '{l.name}': only a plain ReLU is supported (no max_value, negative_slope or threshold)")
-        return 'relu'
-    if cls in ('MaxPooling2D', 'AveragePooling2D'):
+        act = _relu_act(l)
+        return ('relu' if act == 'relu' else 'act'), act
+    if cls == 'LeakyReLU': return 'act', 'leaky_relu'
+    if cls == 'ELU': return 'act', 'elu'
+    if cls in ('MaxPooling2D', 'AveragePooling2D', 'GlobalAveragePooling2D', 'GlobalMaxPooling2D', 'Cropping2D', 'ZeroPadding2D'):
         if l.get_config().get('data_format', 'channels_last') != 'channels_last': raise DecompositionError(f"layer '{l.name}': data_format must be 'channels_last'")
-        return 'maxpool' if cls == 'MaxPooling2D' else 'avgpool'
-    if cls == 'GlobalAveragePooling2D':
-        if l.get_config().get('keepdims'): raise DecompositionError(f"layer '{l.name}': GlobalAveragePooling2D with keepdims=True is not supported")
-        return 'gap'
+    if cls == 'Softmax': raise DecompositionError(f"layer '{l.name}': softmax is supported only as the output layer's activation (after the output Dense)")
     return {'InputLayer': 'input', 'Add': 'add', 'Flatten': 'flatten', 'BatchNormalization': 'bn', 'Rescaling': 'affine',
-            'Normalization': 'affine', 'Dropout': 'identity', 'ZeroPadding2D': 'zeropad'}[cls]
+            'Normalization': 'affine', 'Dropout': 'identity', 'SpatialDropout2D': 'identity', 'Identity': 'identity',
+            'ZeroPadding2D': 'zeropad', 'MaxPooling2D': 'maxpool', 'AveragePooling2D': 'avgpool', 'GlobalAveragePooling2D': 'gap',
+            'GlobalMaxPooling2D': 'gmp', 'Cropping2D': 'crop', 'Concatenate': 'concat', 'Multiply': 'mul', 'Reshape': 'reshape',
+            'LayerNormalization': 'layernorm', 'LayerScale': 'scale'}[cls], 'linear'
+
+def _on_last_axis(l, rank):
+    "Does `l` (Concatenate, LayerNormalization) work on the last (channel) axis of its rank-`rank` (batch included) input?"
+    ax = l.get_config().get('axis', -1)
+    ax = list(ax) if isinstance(ax, (list, tuple)) else [ax]
+    return [a % rank for a in ax] == [rank - 1]
 
 # %% ../nbs/02_graph.ipynb #da3a1956
 def _as_functional(model):
@@ -94,52 +142,115 @@ def _as_functional(model):
     return model
 
 def _calls_on_path(fm):
-    "id(layer) -> the index of the call (inbound node) of that layer on the paths from the model's input to its output."
-    used, seen, stack = {}, set(), [fm.outputs[0]]
-    while stack:
-        t = stack.pop()
-        if id(t) in seen: continue
+    "The calls on the paths from the model's input to its output, nested models expanded: [(operation, Keras node)] in topological order, and aliases id(tensor) -> the tensor it equals (a nested model's inputs and outputs)."
+    import sys
+    alias, order, seen, used = {}, [], set(), {}
+    rank = {id(o): (i,) for i, o in enumerate(fm.operations)}
+    def visit(t):
+        while id(t) in alias: t = alias[id(t)]
+        if id(t) in seen: return
         seen.add(id(t))
         l, ni = t._keras_history[0], t._keras_history[1]
-        if type(l).__name__ == 'InputLayer': continue
-        if isinstance(l, keras.Model): raise DecompositionError(f"layer '{l.name}' is a nested model; flatten it into one functional model")
+        if type(l).__name__ == 'InputLayer': return
+        node = l._inbound_nodes[ni]
+        if isinstance(l, keras.Model):   # a nested model: its own graph, its input bound to the tensor it is called on
+            inner = _as_functional(l)
+            if len(inner.inputs) != 1 or len(inner.outputs) != 1 or len(node.input_tensors) != 1:
+                raise DecompositionError(f"layer '{l.name}' is a nested model with several inputs or outputs; flatten it into one functional model")
+            for i, o in enumerate(inner.operations): rank.setdefault(id(o), rank[id(l)] + (i,))
+            alias[id(inner.inputs[0])] = node.input_tensors[0]
+            alias[id(t)] = inner.outputs[0]
+            seen.discard(id(t)); visit(t); return
         if used.setdefault(id(l), ni) != ni: raise DecompositionError(f"layer '{l.name}' is called more than once in the model; shared layers are not supported")
-        stack.extend(l._inbound_nodes[ni].input_tensors)
-    return used
+        for u in node.input_tensors: visit(u)
+        order.append((l, node))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20000))
+    try: visit(fm.outputs[0])
+    finally: sys.setrecursionlimit(limit)
+    order.sort(key=lambda ln: rank.get(id(ln[0]), (len(rank),)))
+    return order, alias
+
+def _head_calls(order, out_t, alias):
+    "Split the calls: (the head's call, the calls after it that make the output) — the output Dense, or a linear Dense/1×1 Conv2D followed by Flatten/Reshape and a softmax."
+    by_out = {id(n.output_tensors[0]): (l, n) for l, n in order}
+    def src(n):
+        t = n.input_tensors[0]
+        while id(t) in alias: t = alias[id(t)]
+        return by_out.get(id(t), (None, None))
+    def resolve(t):
+        while id(t) in alias: t = alias[id(t)]
+        return t
+    l, n = by_out[id(resolve(out_t))]
+    tail, act = [], None
+    cls = type(l).__name__
+    if cls == 'Softmax' or cls == 'Activation' and _act_name(l.activation) in ('softmax', 'linear'):
+        act = 'softmax' if cls == 'Softmax' else _act_name(l.activation)
+        tail.append(l); l, n = src(n)
+        if l is not None and type(l).__name__ in ('Flatten', 'Reshape'):
+            f = l; tail.append(f); l, n = src(n)
+            ok = (l is not None and type(l).__name__ == 'Conv2D' and tuple(l.get_config()['kernel_size']) == (1, 1)
+                  and tuple(n.input_tensors[0].shape[1:3]) == (1, 1) and len(n.output_tensors[0].shape) == 4)
+            if not ok: raise DecompositionError(f"the output layer '{tail[0].name}' follows '{f.name}' ({type(f).__name__}); that must flatten a 1×1 Conv2D on a 1×1 map (a Dense in disguise)")
+        if l is None or type(l).__name__ not in ('Dense', 'Conv2D') or _act_name(l.activation) != 'linear':
+            raise DecompositionError(f"the output layer '{tail[0].name}' is an Activation; it must follow a linear Dense output layer, not '{getattr(l, 'name', 'the input')}'")
+    return l, act, tail
 
 class LayerGraph:
     "The supported layers of a Keras classifier in topological order, with its hidden nodes and head."
-    def __init__(self, model:keras.Model, linear_nodes:str='backtrack'):
+    def __init__(self, model:keras.Model, linear_nodes:str='backtrack', approx_nodes:float|None=None):
         if linear_nodes not in LINEAR_NODES: raise DecompositionError(f"linear_nodes must be one of {LINEAR_NODES}; got {linear_nodes!r}")
+        if approx_nodes is not None and (isinstance(approx_nodes, bool) or not isinstance(approx_nodes, (int, float, np.integer, np.floating))
+                                         or not np.isfinite(approx_nodes) or approx_nodes < 0):
+            raise DecompositionError(f"approx_nodes must be None (exact rule) or a threshold ≥ 0 on |output|; got {approx_nodes!r}")
         self.model, self.linear_nodes = model, linear_nodes
+        self.approx_nodes = None if approx_nodes is None else float(approx_nodes)
         fm = _as_functional(model)
         if len(fm.inputs) != 1 or len(fm.outputs) != 1:
             raise DecompositionError(f"model '{model.name}' must have one input and one output; it has {len(fm.inputs)} and {len(fm.outputs)}")
-        used = _calls_on_path(fm)
-        out_layer = fm.outputs[0]._keras_history[0]
-        head_layer, self.output_activation = out_layer, None
-        if type(out_layer).__name__ == 'Activation' and _act_name(out_layer.activation) in ('softmax', 'linear'):
-            src = out_layer._inbound_nodes[used[id(out_layer)]].input_tensors[0]._keras_history[0]
-            if type(src).__name__ != 'Dense' or _act_name(src.activation) != 'linear':
-                raise DecompositionError(f"the output layer '{out_layer.name}' is an Activation; it must follow a linear Dense output layer, not '{src.name}'")
-            head_layer, self.output_activation = src, _act_name(out_layer.activation)
+        order, alias = _calls_on_path(fm)
+        head_layer, self.output_activation, tail = _head_calls(order, fm.outputs[0], alias)
+        def resolve(t):
+            while id(t) in alias: t = alias[id(t)]
+            return t
         self.ops, tensor_op = [], {}
         inp = fm.inputs[0]
         self.ops.append(Op(0, 'input', 'input', None, [], tuple(inp.shape[1:])))
         tensor_op[id(inp)] = 0
-        for l in fm.layers:
-            if id(l) not in used or l is out_layer and head_layer is not out_layer: continue
-            node = l._inbound_nodes[used[id(l)]]
-            kind = _kind(l, l is head_layer)
-            try: ins = [tensor_op[id(t)] for t in node.input_tensors]
+        skip = {id(l) for l in tail}
+        for l, node in order:
+            if id(l) in skip: continue
+            tensors = [resolve(t) for t in node.input_tensors]
+            kind, act = _kind(l, l is head_layer, len(tensors))
+            try: ins = [tensor_op[id(t)] for t in tensors]
             except KeyError: raise DecompositionError(f"layer '{l.name}': its input does not come from the model's input or an earlier layer") from None
+            shape = tuple(node.output_tensors[0].shape[1:])
             if kind == 'add':
                 if len(ins) < 2: raise DecompositionError(f"layer '{l.name}': Add needs at least two inputs")
                 if len({self.ops[i].shape for i in ins}) > 1: raise DecompositionError(f"layer '{l.name}': Add inputs must have equal shapes (no broadcasting); got {[self.ops[i].shape for i in ins]}")
-            if kind != 'add' and len(ins) != 1: raise DecompositionError(f"layer '{l.name}' has {len(ins)} inputs; only Add may merge tensors")
-            op = Op(len(self.ops), l.name, kind, l, ins, tuple(node.output_tensors[0].shape[1:]))
+            elif kind == 'mul':
+                if len(ins) < 2: raise DecompositionError(f"layer '{l.name}': Multiply needs at least two inputs")
+                for i in ins:
+                    s = self.ops[i].shape
+                    if len(s) != len(shape) or any(a not in (1, b) for a, b in zip(s, shape)):
+                        raise DecompositionError(f"layer '{l.name}': Multiply inputs must have the output's rank and broadcast only along size-1 axes; got {s} for {shape}")
+            elif kind == 'concat':
+                if not _on_last_axis(l, len(shape) + 1): raise DecompositionError(f"layer '{l.name}': Concatenate over axis {l.get_config().get('axis')} is not supported (only the last, channel axis)")
+            elif len(ins) != 1: raise DecompositionError(f"layer '{l.name}' has {len(ins)} inputs; only Add, Multiply and Concatenate may merge tensors")
+            if kind == 'layernorm' and not _on_last_axis(l, len(shape) + 1):
+                raise DecompositionError(f"layer '{l.name}': LayerNormalization over axis {l.get_config().get('axis')} is not supported (only the last, channel axis)")
+            if kind in ('scale', 'shift') and not isinstance(l, layers.Layer):
+                const = [a for a in node.arguments._flat_arguments if not isinstance(a, keras.KerasTensor)]
+                if any(np.size(c) != 1 for c in const): raise DecompositionError(f"operation '{l.name}': only a scalar constant is supported")
+            if kind in ('gap', 'gmp') and l.get_config().get('keepdims'): shape = tuple(shape)
+            op = Op(len(self.ops), l.name, kind, l, ins, shape, act=act, call=node)
             self.ops.append(op)
             tensor_op[id(node.output_tensors[0])] = op.idx
+            if kind == 'head' and len(self.ops[ins[0]].shape) != 1 and type(l).__name__ == 'Conv2D':   # a 1×1 conv head: read its (1, 1, d) input flat
+                src = self.ops[ins[0]]
+                fl = layers.Flatten(name=f'{l.name}_input_flat', dtype=l.dtype_policy)
+                self.ops.insert(len(self.ops) - 1, Op(len(self.ops) - 1, fl.name, 'flatten', fl, [src.idx], (int(np.prod(src.shape)),)))
+                op.idx, op.inputs = len(self.ops) - 1, [len(self.ops) - 2]
         for op in self.ops:
             for i in op.inputs: self.ops[i].consumers.append(op.idx)
         if self.ops[-1].kind != 'head' or self.ops[-1].layer is not head_layer:
@@ -150,21 +261,28 @@ class LayerGraph:
         self._check_semantics()
         self._mark_nodes()
         self.node_ops = [op for op in self.ops if op.node]
-        if not self.node_ops: raise DecompositionError(f"model '{model.name}' has no hidden ReLU layer (no nodes to decompose)")
+
+    def head_weights(self):
+        "The head's (d, N) kernel and (N,) bias as NumPy arrays (a 1×1 Conv2D head read as a Dense)."
+        l = self.head.layer
+        W = np.asarray(l.kernel); W = W.reshape(-1, W.shape[-1])
+        b = np.asarray(l.bias) if l.use_bias else np.zeros(W.shape[-1], W.dtype)
+        return W, b
 
     def _check_semantics(self):
-        "Preprocessing comes before the first weight layer; every linear hidden layer's output passes a ReLU before the next weight layer."
+        "Preprocessing comes before the first weight layer; under the paper's rule, every linear hidden layer's output passes a ReLU before the next weight layer."
         weighted = set()
         for op in self.ops:
-            after = any(i in weighted or self.ops[i].kind in ('conv', 'dense') for i in op.inputs)
+            after = any(i in weighted or self.ops[i].kind in WEIGHTED for i in op.inputs)
             if after: weighted.add(op.idx)
             if op.kind == 'affine' and after:
                 raise DecompositionError(f"layer '{op.name}' ({type(op.layer).__name__}) must come before the first Conv2D/Dense: preprocessing belongs at the model's input")
+        if self.linear_nodes != 'paper': return   # the default rule needs no ReLU after a linear layer: its output is not a node
         for op in self.ops:
-            if op.kind in ('conv', 'dense') and _act_name(op.layer.activation) == 'linear':
+            if op.kind in WEIGHTED and op.act == 'linear':
                 bad = self._unrectified(op.idx)
                 if bad is not None:
-                    raise DecompositionError(f"layer '{op.name}': its linear output reaches '{bad.name}' without passing a ReLU; a hidden Conv2D/Dense must be followed by a ReLU (directly, through BatchNormalization, or through an Add followed by a ReLU)")
+                    raise DecompositionError(f"layer '{op.name}': its linear output reaches '{bad.name}' without passing a ReLU; under linear_nodes='paper' a hidden Conv2D/Dense must be followed by a ReLU (directly, through BatchNormalization, or through an Add followed by a ReLU)")
 
     def _unrectified(self, i, seen=None):
         "The first weight layer (or output) reached from op `i` without passing a ReLU, or None."
@@ -172,25 +290,26 @@ class LayerGraph:
         for c in self.ops[i].consumers:
             op = self.ops[c]
             if op.kind == 'relu' or c in seen: continue
-            if op.kind in ('conv', 'dense', 'head'): return op
+            if op.kind in WEIGHTED + ('head',): return op
             seen.add(c)
             bad = self._unrectified(c, seen)
             if bad is not None: return bad
         return None
 
     def _mark_nodes(self):
-        "Mark the node tensors under the node rule `self.linear_nodes`."
+        "Mark the node tensors under the node rule `self.linear_nodes` (and `self.approx_nodes` for smooth activations)."
         for op in self.ops:
-            if op.kind in ('conv', 'dense'):
-                if _act_name(op.layer.activation) == 'relu': op.node = True
-                elif self.linear_nodes == 'paper':   # the literal rule: every hidden Conv2D/Dense output, after a BN it folds into
-                    nxt = self.ops[op.consumers[0]] if len(op.consumers) == 1 else None
-                    if nxt is not None and nxt.kind == 'bn': nxt.node = True
-                    else: op.node = True
-            elif op.kind == 'relu' and self.linear_nodes == 'backtrack': op.node = True
+            if op.kind == 'head' or op.kind == 'input': continue
+            if op.act in EXACT_ACTS:
+                if op.kind in WEIGHTED or self.linear_nodes == 'backtrack' or op.kind != 'relu': op.node, op.active_above = True, 0.0
+            elif op.act in SMOOTH_ACTS and self.approx_nodes is not None: op.node, op.active_above = True, self.approx_nodes
+            elif op.kind in ('conv', 'dense') and op.act == 'linear' and self.linear_nodes == 'paper':   # the literal rule: every hidden Conv2D/Dense output, after a BN it folds into
+                nxt = self.ops[op.consumers[0]] if len(op.consumers) == 1 else None
+                tgt = nxt if nxt is not None and nxt.kind == 'bn' else op
+                tgt.node, tgt.active_above = True, None
 
     @property
-    def num_classes(self): return self.head.shape[0]
+    def num_classes(self): return self.head.shape[-1]
     @property
     def input_shape(self): return self.ops[0].shape
     @property
@@ -199,7 +318,8 @@ class LayerGraph:
     def node_shapes(self): return [op.shape for op in self.node_ops]
     def n_nodes(self): return int(sum(np.prod(s) for s in self.node_shapes))
     def __repr__(self):
-        return f"LayerGraph({self.model.name}: {len(self.ops)} ops, {len(self.node_ops)} node layers, {self.n_nodes():,} nodes, {self.num_classes} classes, linear_nodes={self.linear_nodes!r})"
+        rule = f", approx_nodes={self.approx_nodes}" if self.approx_nodes is not None else ''
+        return f"LayerGraph({self.model.name}: {len(self.ops)} ops, {len(self.node_ops)} node layers, {self.n_nodes():,} nodes, {self.num_classes} classes, linear_nodes={self.linear_nodes!r}{rule})"
 
 # %% ../nbs/02_graph.ipynb #67088472
 def model_hash(model:keras.Model) -> str:
@@ -213,13 +333,14 @@ def model_hash(model:keras.Model) -> str:
 # %% ../nbs/02_graph.ipynb #ec70345d
 _graphs = weakref.WeakKeyDictionary()
 
-def graph_of(model:keras.Model, linear_nodes:str='backtrack') -> LayerGraph:
-    "The (cached) `LayerGraph` of `model` under the node rule `linear_nodes`."
+def graph_of(model:keras.Model, linear_nodes:str='backtrack', approx_nodes:float|None=None) -> LayerGraph:
+    "The (cached) `LayerGraph` of `model` under the node rule `linear_nodes` (and `approx_nodes` for smooth activations)."
     if not isinstance(model, keras.Model):
         raise DecompositionError(f"model must be a Keras model (or, for `decompose`, the path of a .keras file); got {type(model).__name__} {str(model)[:80]!r}")
     per_model = _graphs.setdefault(model, {})
-    g = per_model.get(linear_nodes)
-    if g is None: g = per_model[linear_nodes] = LayerGraph(model, linear_nodes=linear_nodes)
+    key = linear_nodes if approx_nodes is None else (linear_nodes, float(approx_nodes))
+    g = per_model.get(key)
+    if g is None: g = per_model[key] = LayerGraph(model, linear_nodes=linear_nodes, approx_nodes=approx_nodes)
     return g
 
 # %% ../nbs/02_graph.ipynb #8f336b51
@@ -319,11 +440,17 @@ def graph_function(fn, **kw):
 
 
 # %% ../nbs/02_graph.ipynb #87409396
-def _call(op, xs):
-    if op.kind == 'add': return op.layer(xs)
-    if op.kind == 'bn': return op.layer(xs[0], training=False)
+def apply_op(op:Op, xs:list, layer=None):
+    "Call op `op`'s layer (or `layer`, a copy of it) on the values `xs` of its inputs, placed as the model's call placed them (lists, constants); inference mode."
     if op.kind == 'identity': return xs[0]
-    return op.layer(xs[0])
+    layer = op.layer if layer is None else layer
+    if op.call is None: return layer(xs[0])
+    args, kwargs = op.call.arguments.fill_in({id(t): v for t, v in zip(op.call.input_tensors, xs)})
+    if op.kind in ('bn', 'layernorm') and 'training' in kwargs: kwargs['training'] = False
+    if op.kind == 'bn': kwargs['training'] = False
+    return layer(*args, **kwargs)
+
+def _call(op, xs): return apply_op(op, xs)
 
 def forward(graph:LayerGraph, x, masks=None, n_modules:int=1, collect:bool|str=False, row_masks:bool=False):
     "Run `graph` on `x` up to the head's input; with `masks` (list aligned with `graph.node_ops`, each (N, *shape) or None) for N modules stacked on the batch axis, or with `row_masks` one mask per input row ((B, *shape)). `collect=True` returns the node tensors instead, `'both'` (head input, node tensors)."
@@ -335,7 +462,7 @@ def forward(graph:LayerGraph, x, masks=None, n_modules:int=1, collect:bool|str=F
     for op in graph.ops[1:-1]:
         xs = [vals[i] for i in op.inputs]
         pm = [per_module[i] for i in op.inputs]
-        if any(pm) and not all(pm):  # a shared tensor meets a per-module one (Add): repeat it for each module
+        if any(pm) and not all(pm):  # a shared tensor meets a per-module one (Add, Multiply, Concatenate): repeat it for each module
             xs = [v if p else tf.tile(v, [n_modules] + [1] * (len(v.shape) - 1)) for v, p in zip(xs, pm)]
         out, is_pm = _call(op, xs), any(pm)
         if op.node:
@@ -352,3 +479,13 @@ def forward(graph:LayerGraph, x, masks=None, n_modules:int=1, collect:bool|str=F
     h = vals[graph.head_input.idx]
     if masks is not None and not row_masks and not per_module[graph.head_input.idx]: h = tf.tile(h, [n_modules, 1])
     return (h, collected) if collect == 'both' else h
+
+# %% ../nbs/02_graph.ipynb #a16e0b01
+def export_op(op:Op, xs:list, config:dict|None=None, weights:list|None=None):
+    "For a standalone model: call a fresh copy of op `op`'s layer (from `config` with `weights` if given, else the layer's own) on the symbolic `xs`, as the model calls it; a `keras.ops` operation is called as it is."
+    if op.kind == 'identity': return xs[0]
+    if not isinstance(op.layer, layers.Layer): return apply_op(op, xs)
+    l = type(op.layer).from_config(op.layer.get_config() if config is None else config)
+    out = apply_op(op, xs, l)
+    l.set_weights(op.layer.get_weights() if weights is None else weights)
+    return out

@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 
-from .graph import LayerGraph, DecompositionError
+from .graph import LayerGraph, DecompositionError, ZERO_ACTS
 
 # %% auto #0
-__all__ = ['channel_head', 'window_cover', 'reads', 'live_elements', 'backtrack', 'head_rule', 'mc_bln', 'mc_bi', 'modularize']
+__all__ = ['CONVS', 'channel_head', 'window_cover', 'known_zero', 'reads', 'live_elements', 'backtrack', 'head_rule', 'mc_bln',
+           'mc_bi', 'modularize']
 
 # %% ../nbs/04_modularize.ipynb #e4b94818
 def channel_head(kernel:np.ndarray,  # (d, N) output-layer weights
@@ -68,26 +69,85 @@ def _dense_kernel(graph, op):
         w = w * (scale / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon))
     return w
 
-def reads(graph:LayerGraph, op, r:np.ndarray, through_conv:bool=True, dense_delta:float|None=None) -> list:
-    "What op `op` reads of each input when `r` ((m, *op.shape) bool) of its output is live: a list of (input op index, (m, *input shape) bool)."
+CONVS = ('conv', 'gconv', 'dwconv', 'sepconv')
+_SAME_ELEMENT = ('relu', 'act', 'identity', 'bn', 'affine', 'scale', 'shift')
+
+def _to_shape(a, shape):
+    "Reduce (m, *out) bool `a` by OR over the axes an input of shape `shape` was broadcast along."
+    axes = tuple(i + 1 for i, (s, o) in enumerate(zip(shape, a.shape[1:])) if s == 1 and o != 1)
+    return a.any(axis=axes, keepdims=True) if axes else a
+
+def _crop(op):
+    (t, _), (l, _) = op.layer.get_config()['cropping']
+    return t, l
+
+def known_zero(graph:LayerGraph, keep:list) -> dict:
+    "Op index -> (m, *shape) bool: output elements that are 0 for every input, given the nodes `keep` removes (a removed node is a constant 0, and so is what only multiplies or carries it)."
+    node_i = {op.idx: i for i, op in enumerate(graph.node_ops)}
+    m = keep[0].shape[0] if keep else 1
+    z = {0: np.zeros((m,) + graph.ops[0].shape, bool)}
+    for op in graph.ops[1:-1]:
+        k, ins = op.kind, [z[i] for i in op.inputs]
+        if k in ('relu', 'identity', 'scale') or k == 'act' and op.act in ZERO_ACTS: out = ins[0]
+        elif k == 'add': out = np.logical_and.reduce(ins)
+        elif k == 'mul': out = np.logical_or.reduce([np.broadcast_to(v, (m,) + op.shape) for v in ins])
+        elif k == 'concat': out = np.concatenate(ins, -1)
+        elif k in ('flatten', 'reshape'): out = ins[0].reshape((m,) + op.shape)
+        elif k == 'zeropad':
+            (t, b), (l, r) = op.layer.get_config()['padding']
+            out = np.pad(ins[0], ((0, 0), (t, b), (l, r), (0, 0)), constant_values=True)
+        elif k == 'crop':
+            t, l = _crop(op); out = ins[0][:, t:t + op.shape[0], l:l + op.shape[1]]
+        elif k in ('gap', 'gmp'): out = ins[0].all((1, 2)).reshape((m,) + op.shape)
+        else: out = np.zeros((m,) + op.shape, bool)
+        if op.node: out = out | ~keep[node_i[op.idx]]
+        z[op.idx] = np.ascontiguousarray(out)
+    return z
+
+def reads(graph:LayerGraph, op, r:np.ndarray, through_conv:bool=True, dense_delta:float|None=None, zero:dict|None=None) -> list:
+    "What op `op` reads of each input when `r` ((m, *op.shape) bool) of its output is live: a list of (input op index, (m, *input shape) bool). `zero` (`known_zero`) lets a product skip a factor where another is 0."
     k, m = op.kind, r.shape[0]
     if k == 'input': return []
     src = graph.ops[op.inputs[0]]
-    if k in ('relu', 'identity', 'bn', 'affine'): return [(src.idx, r)]
+    if k in _SAME_ELEMENT: return [(src.idx, r)]
     if k == 'add': return [(j, r) for j in op.inputs]
-    if k == 'flatten': return [(src.idx, r.reshape((m,) + src.shape))]
+    if k == 'mul':
+        out = []
+        for a, j in enumerate(op.inputs):
+            rj = r
+            if zero is not None:   # a product is 0 where another factor is 0: this factor is not read there
+                others = [np.broadcast_to(zero[i], (m,) + op.shape) for b, i in enumerate(op.inputs) if b != a]
+                if others: rj = r & ~np.logical_or.reduce(others)
+            out.append((j, _to_shape(rj, graph.ops[j].shape)))
+        return out
+    if k == 'concat':
+        edges = np.cumsum([0] + [graph.ops[j].shape[-1] for j in op.inputs])
+        return [(j, r[..., edges[a]:edges[a + 1]]) for a, j in enumerate(op.inputs)]
+    if k in ('flatten', 'reshape'): return [(src.idx, r.reshape((m,) + src.shape))]
     if k == 'zeropad':
         (t, _), (l, _) = op.layer.get_config()['padding']
         return [(src.idx, r[:, t:t + src.shape[0], l:l + src.shape[1]])]
+    if k == 'crop':
+        t, l = _crop(op); q = np.zeros((m,) + src.shape, bool)
+        q[:, t:t + op.shape[0], l:l + op.shape[1]] = r
+        return [(src.idx, q)]
     if k in ('maxpool', 'avgpool'):
         ps, st, pad = _pool_geom(op.layer)
         return [(src.idx, _windowed_need(r, src.shape[:2], ps, st, pad))]
-    if k == 'gap': return [(src.idx, np.broadcast_to(r[:, None, None, :], (m,) + src.shape))]
-    if k == 'conv':
+    if k in ('gap', 'gmp'): return [(src.idx, np.broadcast_to(r.reshape(m, 1, 1, -1), (m,) + src.shape))]
+    if k == 'layernorm': return [(src.idx, np.broadcast_to(r.any(-1, keepdims=True), (m,) + src.shape))]
+    if k in CONVS:
         if not through_conv: return [(src.idx, np.ones((m,) + src.shape, bool))]
         c = op.layer.get_config()
-        pos = _windowed_need(r.any(-1, keepdims=True), src.shape[:2], c['kernel_size'], c['strides'], c['padding'])
-        return [(src.idx, np.broadcast_to(pos, (m,) + src.shape))]
+        geom = (src.shape[:2], c['kernel_size'], c['strides'], c['padding'])
+        if k in ('conv', 'sepconv'):   # every output channel reads every input channel in its window
+            return [(src.idx, np.broadcast_to(_windowed_need(r.any(-1, keepdims=True), *geom), (m,) + src.shape))]
+        if k == 'dwconv':              # output channel c·dm + j reads input channel c
+            cin = src.shape[-1]
+            return [(src.idx, _windowed_need(r.reshape(r.shape[:3] + (cin, -1)).any(-1), *geom))]
+        G = c['groups']                # group g of the outputs reads group g of the inputs
+        need = _windowed_need(r.reshape(r.shape[:3] + (G, -1)).any(-1), *geom)
+        return [(src.idx, np.repeat(need, src.shape[-1] // G, axis=-1))]
     if k == 'dense':
         if dense_delta is None: return [(src.idx, np.broadcast_to(r.any(-1, keepdims=True), (m,) + src.shape))]
         w = _dense_kernel(graph, op)
@@ -98,6 +158,7 @@ def live_elements(graph:LayerGraph, keep:list, head_keep:np.ndarray, through_con
     "Op index -> (m, *shape) bool: the output elements that some kept computation of each of the m modules reads."
     node_i = {op.idx: i for i, op in enumerate(graph.node_ops)}
     m = head_keep.shape[0]
+    zero = known_zero(graph, keep) if any(op.kind == 'mul' for op in graph.ops) else None
     need = {graph.head_input.idx: np.asarray(head_keep, bool)}
     live = {}
     for op in reversed(graph.ops[1:-1]):            # topological order reversed: every consumer comes first
@@ -105,7 +166,7 @@ def live_elements(graph:LayerGraph, keep:list, head_keep:np.ndarray, through_con
         if r is None: r = np.zeros((m,) + op.shape, bool)
         if op.node: r = r & keep[node_i[op.idx]]     # a removed node is a constant 0: it reads nothing
         live[op.idx] = r
-        for j, q in reads(graph, op, r, through_conv, dense_delta):
+        for j, q in reads(graph, op, r, through_conv, dense_delta, zero):
             need[j] = need[j] | q if j in need else np.array(q, bool)
     return live
 
@@ -140,7 +201,7 @@ def modularize(graph:LayerGraph, keep:list, classes, steps=('ci', 'ti', 'mc', 'b
     unknown = set(steps) - {'ci', 'ti', 'mc', 'blc', 'bi'}
     if unknown: raise DecompositionError(f"unknown steps {sorted(unknown)}; known: ci, ti, mc, blc (MC-BLN), bi (MC-BI)")
     if copy: keep = [k.copy() for k in keep]
-    W, b = [np.asarray(w) for w in graph.head.layer.get_weights()[:2]] if graph.head.layer.use_bias else (np.asarray(graph.head.layer.kernel), np.zeros(graph.num_classes))
+    W, b = graph.head_weights()
     hk, hb = channel_head(W, b, classes)
     head_keep = np.ones(hk.shape[:2], bool)
     def n_kept(): return int(sum(k.sum() for k in keep))

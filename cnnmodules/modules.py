@@ -12,7 +12,7 @@ import numpy as np
 import keras
 from keras import layers
 
-from .graph import LayerGraph, DecompositionError, model_hash, graph_of
+from .graph import LayerGraph, DecompositionError, model_hash, graph_of, export_op
 from .data import atomic_path
 from .compose import evaluate_modules, module_scores, calibration_of
 
@@ -137,7 +137,7 @@ class Module(metaclass=_ModuleType):
     calibration: dict|None = None  # {'a', 'b', 'head': digest of the head fitted for, ...}: p_concerned = σ(a·margin + b); None = identity
 
     @property
-    def graph(self) -> LayerGraph: return graph_of(self.parent, self.linear_nodes)
+    def graph(self) -> LayerGraph: return graph_of(self.parent, self.linear_nodes, self.provenance.get('approx_nodes'))
     @property
     def linear_nodes(self) -> str: return self.provenance.get('linear_nodes', 'backtrack')
     @property
@@ -146,7 +146,8 @@ class Module(metaclass=_ModuleType):
     def parent_hash(self): return self.provenance.get('parent_hash') or model_hash(self.parent)
     def kept_fraction(self) -> float:
         "Share of the parent's nodes this module keeps."
-        return float(sum(m.sum() for m in self.masks) / sum(m.size for m in self.masks))
+        total = sum(m.size for m in self.masks)
+        return float(sum(m.sum() for m in self.masks) / total) if total else 1.0   # no nodes (issue 16): nothing removed
     def __repr__(self):
         return f"Module({self.class_index}:{self.class_name!r} of {self.parent.name}, keeps {self.kept_fraction():.1%} of {self.graph.n_nodes():,} nodes)"
 
@@ -159,11 +160,7 @@ class Module(metaclass=_ModuleType):
         vals = {0: inp}
         for op in g.ops[1:-1]:
             xs = [vals[i] for i in op.inputs]
-            if op.kind == 'identity': out = xs[0]
-            else:
-                l = type(op.layer).from_config(op.layer.get_config())
-                out = l(xs if op.kind == 'add' else xs[0])
-                l.set_weights(op.layer.get_weights())
+            out = export_op(op, xs)
             if op.node: out = _apply_mask(out, *forms[op.idx], bits, op.name, taken)
             vals[op.idx] = out
         head = layers.Dense(2, activation='softmax', name='module_head', dtype=g.head.layer.dtype_policy)
@@ -277,7 +274,7 @@ class ModuleSet:
                 mods = []
                 for i, e in enumerate(manifest['modules']):
                     p = parents[e['parent']]
-                    g = graph_of(p, e['provenance'].get('linear_nodes', 'backtrack'))
+                    g = graph_of(p, e['provenance'].get('linear_nodes', 'backtrack'), e['provenance'].get('approx_nodes'))
                     if [tuple(s) for s in e['mask_shapes']] != g.node_shapes: raise DecompositionError(f'{path}: module {i} masks do not fit its parent')
                     masks = [np.unpackbits(arrays[f'm{i}_{j}'], count=int(np.prod(s))).astype(bool).reshape(s) for j, s in enumerate(g.node_shapes)]
                     hk = arrays[f'hk{i}']

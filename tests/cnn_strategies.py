@@ -126,3 +126,104 @@ def make_data(spec, per_class, dtype='float64'):
         r0 = (c * H) // N
         x[np.ix_(y == c, np.arange(r0, min(H, r0 + max(1, H // 3))))] = 0
     return x.astype(dtype), y
+
+
+# ---------------------------------------------------------------- issue 16: the layers of the keras.applications families
+
+ACTS = ('relu6', 'hard_silu', 'hard_sigmoid', 'leaky_relu', 'elu', 'silu', 'gelu', 'sigmoid', 'tanh')
+KINDS = ('act', 'dwconv', 'sepconv', 'gconv', 'concat', 'se', 'crop', 'layernorm', 'ops', 'relu_layer')
+
+
+@st.composite
+def arch_specs(draw, kinds=None):
+    """A random small CNN built from the new layer kinds: a stem Conv2D, then 1-3 blocks of `kinds` (default: any),
+    a top (Flatten, GlobalAveragePooling2D or GlobalMaxPooling2D, maybe a Reshape), an optional hidden Dense with a
+    random activation, and a head (Dense softmax; linear Dense + Softmax layer; 1×1 Conv2D + Flatten + softmax)."""
+    kinds = kinds or KINDS
+    H = draw(st.integers(6, 9))
+    blocks = [dict(kind=draw(st.sampled_from(kinds)), act=draw(st.sampled_from(ACTS)), fused=draw(st.booleans()),
+                   c=draw(st.sampled_from([2, 4])), k=draw(st.integers(1, 3)), s=draw(st.integers(1, 2)), dm=draw(st.integers(1, 2)))
+              for _ in range(draw(st.integers(1, 3)))]
+    return dict(shape=(H, H, draw(st.integers(1, 2))), stem=draw(st.sampled_from(ACTS + ('relu',))), blocks=blocks,
+                top=draw(st.sampled_from(['flatten', 'gap', 'gmp', 'reshape'])), dense=draw(st.sampled_from([None, 'relu', 'silu', 'tanh', 'relu6'])),
+                head=draw(st.sampled_from(['dense', 'softmax_layer', 'activation', 'conv1x1'])),
+                N=draw(st.integers(3, 4)), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _act(x, name, D):
+    if name == 'relu6': return layers.ReLU(6.0, **D)(x)
+    if name == 'leaky_relu': return layers.LeakyReLU(0.2, **D)(x)
+    return layers.Activation(name, **D)(x)
+
+
+def build_arch(spec, dtype='float64'):
+    "The Keras model of an `arch_specs` spec, seeded; the output layer is named 'head' (a Dense, or a 1×1 Conv2D)."
+    from keras import ops
+    if currently_in_test_context():
+        event(f"blocks: {sorted({b['kind'] for b in spec['blocks']})}; top: {spec['top']}; head: {spec['head']}")
+    D = dict(dtype=dtype)
+    keras.utils.set_random_seed(spec['seed'])
+    rng = np.random.default_rng(spec['seed'])
+    inp = keras.Input(spec['shape'], **D)
+    x = _act(layers.Conv2D(4, 3, padding='same', **D)(inp), spec['stem'], D)
+    for b in spec['blocks']:
+        k, c, a = b['kind'], b['c'], b['act']
+        if k == 'act':
+            x = layers.Conv2D(c, b['k'], activation=a, padding='same', **D)(x) if b['fused'] else _act(layers.Conv2D(c, b['k'], padding='same', **D)(x), a, D)
+        elif k == 'relu_layer':   # ReLU variants: clipped, thresholded
+            x = layers.ReLU(max_value=float(rng.choice([1.0, 6.0])), threshold=float(rng.choice([0.0, 0.05])), **D)(layers.Conv2D(c, b['k'], padding='same', **D)(x))
+        elif k == 'dwconv':
+            x = layers.DepthwiseConv2D(b['k'], strides=b['s'], depth_multiplier=b['dm'], padding='same', **D)(x)
+            x = _act(layers.BatchNormalization(**D)(x), a, D)
+        elif k == 'sepconv':
+            x = layers.SeparableConv2D(c, b['k'], strides=b['s'], depth_multiplier=b['dm'], padding='same', activation=a if b['fused'] else None, **D)(x)
+        elif k == 'gconv':
+            x = layers.Conv2D(4, b['k'], groups=2, padding='same', **D)(layers.Conv2D(4, 1, activation='relu', **D)(x))
+            x = _act(x, a, D)
+        elif k == 'concat':
+            p = layers.Conv2D(c, 1, activation='relu', **D)(x)
+            q = _act(layers.Conv2D(2, b['k'], padding='same', **D)(x), a, D)
+            x = layers.Concatenate(axis=-1 if b['fused'] else 3, **D)([p, q, x] if b['dm'] == 2 else [p, q])
+        elif k == 'se':           # squeeze-excite: a gate per channel multiplies the block
+            C = x.shape[-1]
+            g = layers.GlobalAveragePooling2D(keepdims=True, **D)(x) if b['fused'] else layers.Reshape((1, 1, C), **D)(layers.GlobalAveragePooling2D(**D)(x))
+            g = layers.Conv2D(2, 1, activation='relu', **D)(g)
+            g = layers.Conv2D(C, 1, activation=('sigmoid' if b['dm'] == 1 else 'hard_sigmoid'), **D)(g)
+            x = layers.Multiply(**D)([x, g])
+        elif k == 'crop':
+            x = layers.Cropping2D(((1, 0), (0, 1)), **D)(layers.ZeroPadding2D(1, **D)(x))
+        elif k == 'layernorm':
+            x = _act(layers.LayerNormalization(epsilon=1e-6, **D)(layers.Conv2D(c, b['k'], padding='same', **D)(x)), a, D)
+        elif k == 'ops':          # keras.ops in the graph: a hard sigmoid written out (ReLU6(x + 3) / 6), and a residual +
+            h = layers.Conv2D(x.shape[-1], 1, **D)(x)
+            x = ops.add(x, ops.multiply(layers.ReLU(6.0, **D)(ops.add(h, 3.0)), 1.0 / 6.0))
+    if spec['top'] == 'flatten': x = layers.Flatten(**D)(x)
+    elif spec['top'] == 'gap': x = layers.GlobalAveragePooling2D(**D)(x)
+    elif spec['top'] == 'gmp': x = layers.GlobalMaxPooling2D(**D)(x)
+    else: x = layers.Reshape((-1,), **D)(layers.MaxPooling2D(2, padding='same', **D)(x))
+    if spec['dense']: x = layers.Dense(5, activation=spec['dense'], **D)(x)
+    N = spec['N']
+    if spec['head'] == 'dense': out = layers.Dense(N, activation='softmax', name='head', **D)(x)
+    elif spec['head'] == 'softmax_layer': out = layers.Softmax(**D)(layers.Dense(N, name='head', **D)(x))
+    elif spec['head'] == 'activation': out = layers.Activation('softmax', **D)(layers.Dense(N, name='head', **D)(x))
+    else:
+        x = layers.Dropout(0.1, **D)(layers.Reshape((1, 1, x.shape[-1]), **D)(x))
+        out = layers.Activation('softmax', **D)(layers.Flatten(**D)(layers.Conv2D(N, 1, name='head', **D)(x)))
+    m = keras.Model(inp, out)
+    for l in m.layers:   # random BatchNormalization statistics, small random biases (mostly negative: some nodes inactive)
+        if isinstance(l, layers.BatchNormalization):
+            C = l.moving_mean.shape[0]
+            l.set_weights([rng.uniform(0.5, 1.5, C), rng.normal(0, 0.1, C), rng.normal(0, 0.2, C), rng.uniform(0.5, 1.5, C)])
+        elif getattr(l, 'use_bias', False) and l.get_weights() and not isinstance(l, layers.LayerNormalization):
+            w = l.get_weights()
+            w[-1] = rng.normal(0.0, 0.5, w[-1].shape) if l.name == 'head' else rng.normal(-0.1, 0.15, w[-1].shape)
+            l.set_weights(w)
+    return m
+
+
+def head_logits(model, x):
+    "The parent's pre-softmax logits (n, N) and head inputs, from a Keras sub-model to the layer named 'head' (independent of the engine)."
+    head = model.get_layer('head')
+    h = np.asarray(keras.Model(model.inputs[0], head.input)(x)).reshape(len(x), -1)
+    W = np.asarray(head.kernel).reshape(-1, head.kernel.shape[-1])
+    return h @ W + np.asarray(head.bias), h

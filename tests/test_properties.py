@@ -392,13 +392,25 @@ def _tiny(hidden, shape=(6, 6, 1)):
 
 
 UNSUPPORTED = {   # layer name -> (hidden part of the model, what else the message must say)
-    'tanh_conv': (lambda t: layers.Conv2D(2, 3, activation='tanh', name='tanh_conv')(t), "activation 'tanh'"),
-    'tanh_act': (lambda t: layers.Activation('tanh', name='tanh_act')(layers.Conv2D(2, 3)(t)), "activation 'tanh'"),
-    'sigmoid_dense': (lambda t: layers.Dense(4, activation='sigmoid', name='sigmoid_dense')(layers.Flatten()(layers.Conv2D(2, 3, activation='relu')(t))), "activation 'sigmoid'"),
-    'leaky': (lambda t: layers.LeakyReLU(name='leaky')(layers.Conv2D(2, 3)(t)), 'type LeakyReLU'),
-    'slope_relu': (lambda t: layers.ReLU(negative_slope=0.1, name='slope_relu')(layers.Conv2D(2, 3)(t)), 'negative_slope'),
+    'logsm_conv': (lambda t: layers.Conv2D(2, 3, activation='log_softmax', name='logsm_conv')(t), "activation 'log_softmax'"),
+    'dilated': (lambda t: layers.Conv2D(2, 3, dilation_rate=2, activation='relu', name='dilated')(t), 'dilation_rate'),
+    'upsample': (lambda t: layers.UpSampling2D(name='upsample')(layers.Conv2D(2, 3, activation='relu')(t)), 'type UpSampling2D'),
     'deconv': (lambda t: layers.Conv2DTranspose(2, 3, name='deconv')(t), 'type Conv2DTranspose'),
 }
+
+# issue 16: accepted since; smooth activations are not nodes under the default rule
+SMOOTH = {
+    'tanh_conv': lambda t: layers.Conv2D(2, 3, activation='tanh', name='tanh_conv')(t),
+    'tanh_act': lambda t: layers.Activation('tanh', name='tanh_act')(layers.Conv2D(2, 3)(t)),
+    'leaky': lambda t: layers.LeakyReLU(name='leaky')(layers.Conv2D(2, 3)(t)),
+    'slope_relu': lambda t: layers.ReLU(negative_slope=0.1, name='slope_relu')(layers.Conv2D(2, 3)(t)),
+}
+
+
+@pytest.mark.parametrize('name', list(SMOOTH))
+def test_smooth_activations_are_not_nodes(name):
+    m = _tiny(SMOOTH[name])
+    assert name not in LayerGraph(m).node_names and name in LayerGraph(m, approx_nodes=0.01).node_names
 
 
 @pytest.mark.parametrize('name', list(UNSUPPORTED))
@@ -440,3 +452,83 @@ def test_shape_mismatches_are_clear():
         ms.predict(np.zeros((2, 8, 8, 1), 'float32'))
     with pytest.raises(DecompositionError, match=r'modules compose only when their input shapes match'):
         ms + ModuleSet(full_modules(other))
+
+
+# ---------------------------------------------------------------- 9. issue 16: the layers of the keras.applications families
+
+from cnn_strategies import arch_specs, build_arch, head_logits, KINDS
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@props(3)
+@given(st.data())
+def test_arch_ci_ti_exact_on_observed_inputs(kind, data):
+    "Each new layer kind (activations of every sort, depthwise/separable/grouped convolutions, Concatenate, squeeze-excite Multiply, Cropping2D, LayerNormalization, keras.ops, ReLU variants; Softmax/1×1-conv heads): under the default rule every CI+TI module reproduces the channeled parent on its concerned and tangling inputs, and its masked Keras export computes what the engine computes."
+    spec = data.draw(arch_specs(kinds=(kind,)), label='spec')
+    m = build_arch(spec)
+    N, E = spec['N'], 4
+    x, y = make_data(spec, E + 2)
+    ms = decompose(m, x, y, n_concerned=E, steps=('ci', 'ti', 'mc'), seed=spec['seed'], progress=False)
+    smp = sample_inputs(y, N, E, seed=spec['seed'])
+    event(f"CI+TI removed nodes: {_kept(ms) < len(ms) * graph_of(m).n_nodes()}")
+    for mod in ms:
+        c = mod.class_index
+        seen = smp.index[(smp.label == c) | (smp.tangling & (smp.label != c))]
+        z, _ = head_logits(m, x[seen])                         # Keras sub-model: independent of the engine
+        want = np.stack([z[:, c], (z.sum(1) - z[:, c]) / (N - 1)], 1)
+        got = module_logits([mod], x[seen])[:, 0]
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    p = np.asarray(ms[0].to_keras()(x))                         # the standalone export, on all inputs
+    zz = module_logits([ms[0]], x)[:, 0]
+    np.testing.assert_allclose(p[:, 0], sigmoid(zz[:, 0] - zz[:, 1]), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@props(3)
+@given(st.floats(0.2, 0.95), st.data())
+def test_arch_backtracking_never_changes_output(kind, p_keep, data):
+    "MC-BI and MC-BLN's backtracking through the new layer kinds (channel ranges through Concatenate, a product skipping a factor where the other is 0, groups, depthwise channels, crops) remove only what no kept node reads: logits identical on any input."
+    spec = data.draw(arch_specs(kinds=(kind,)), label='spec')
+    m = build_arch(spec)
+    g = graph_of(m)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16), label='mask seed'))
+    M = 3
+    keep = [(rng.random((M,) + s[:-1] + (1,)) < p_keep) & (rng.random((M,) + s) < (1 + p_keep) / 2) for s in g.node_shapes]
+    head_keep = rng.random((M, g.head_input.shape[0])) < (1 + p_keep) / 2
+    head = m.get_layer('head')
+    hk, hb = channel_head(np.asarray(head.kernel).reshape(-1, spec['N']), np.asarray(head.bias), range(M))
+    x = rng.normal(size=(16,) + tuple(spec['shape']))
+    def logits(masks):
+        mods = [Module(i, str(i), [mk[i] for mk in masks], hk[i], hb[i], head_keep[i], m) for i in range(M)]
+        return module_logits(mods, x)
+    before = logits(keep)
+    for through_conv in (False, True):
+        after = [k.copy() for k in keep]
+        backtrack(g, after, head_keep, through_conv=through_conv)
+        for a, k in zip(after, keep): assert _subset(a, k)
+        np.testing.assert_array_equal(logits(after), before)
+        event(f'through_conv={through_conv} removes nodes: {sum(int(a.sum()) for a in after) < sum(int(k.sum()) for k in keep)}')
+
+
+def test_approx_nodes_rule():
+    "The approximate rule is explicit: smooth activations become nodes only with `approx_nodes`; a removed node was |value| ≤ eps on every observed input, so each observed logit moves by at most what those small values carry."
+    spec = dict(shape=(7, 7, 1), stem='silu', blocks=[dict(kind='act', act='gelu', fused=True, c=4, k=3, s=1, dm=1)],
+                top='gap', dense='tanh', head='dense', N=3, seed=5)
+    m = build_arch(spec)
+    assert graph_of(m).node_names == []
+    ga = graph_of(m, approx_nodes=0.05)
+    assert len(ga.node_ops) == 3 and all(op.active_above == 0.05 for op in ga.node_ops)
+    x, y = make_data(spec, 8)
+    exact = decompose(m, x, y, n_concerned=6, steps=('ci', 'ti', 'mc'), progress=False)
+    approx = decompose(m, x, y, n_concerned=6, steps=('ci', 'ti', 'mc'), approx_nodes=0.05, progress=False)
+    assert approx[0].provenance['approx_nodes'] == 0.05 and approx[0].graph is ga
+    assert exact[0].kept_fraction() == 1.0
+    with pytest.raises(DecompositionError, match='approx_nodes'): graph_of(m, approx_nodes=-1)
+    # modules of one parent under both rules compose together, and the rule survives save -> load
+    both = exact[:2] + approx[2:]
+    pc, _ = both.predict(x)
+    np.testing.assert_allclose(pc, np.concatenate([exact[:2].predict(x)[0], approx[2:].predict(x)[0]], 1), rtol=1e-12)
+    with tempfile.TemporaryDirectory() as d:
+        back = ModuleSet.load(approx.save(Path(d) / 'a.cnnmodules'))
+        assert back[0].graph.approx_nodes == 0.05
+        np.testing.assert_allclose(back.predict(x)[0], approx.predict(x)[0], rtol=1e-12)

@@ -1,0 +1,100 @@
+"""Issue 16: the `keras.applications` families, decomposed soundly.
+
+Each family is built untrained (`weights=None`) at the smallest input it allows with four classes; its
+BatchNormalization statistics are set from one batch of random images (an untrained network otherwise gives every
+input the same output: argmax ties). Three random images are given once to every class, so each module observes
+all of them: under the default node rule with CI, TI, channeling and MC-BI (backtracking, which never changes an
+output), every module reproduces its channeled parent on them, and the composed vote must give the parent's argmax
+exactly. The standalone masked export must compute what the engine computes; the slim export either matches too
+or refuses with a `DecompositionError` naming the layer.
+
+Cost per family, measured on the shared 2-core machine (seconds, test call): ConvNeXtTiny 13, VGG16 27,
+EfficientNetV2B0 27, Xception 31, EfficientNetB0 33, MobileNetV2 64, InceptionV3 74-114, ResNet50V2 75, ResNet50 81,
+NASNetMobile 92-143, DenseNet121 132 (MobileNet and MobileNetV3Small about a minute), most of it TensorFlow tracing
+graphs of 100-800 layers: about 15 minutes for all; on a quieter moment 3.4 minutes for all thirteen (DenseNet121
+38 s, NASNetMobile 36 s, the others 5-20 s). The normal suite runs `QUICK`; `CNNMODULES_FAMILIES=all` runs
+every family (all thirteen passed when this was written).
+"""
+import os
+
+import numpy as np
+import pytest
+import keras
+
+from cnnmodules.graph import graph_of, DecompositionError
+from cnnmodules.decompose import decompose
+from cnnmodules.compose import module_logits, vote_margin
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+# family -> smallest square input it builds at
+FAMILIES = {'VGG16': 32, 'ResNet50': 32, 'ResNet50V2': 32, 'MobileNet': 32, 'MobileNetV2': 32, 'MobileNetV3Small': 32,
+            'DenseNet121': 32, 'EfficientNetB0': 32, 'EfficientNetV2B0': 32, 'Xception': 71, 'InceptionV3': 75,
+            'NASNetMobile': 32, 'ConvNeXtTiny': 32}
+QUICK = ('VGG16', 'MobileNetV3Small', 'ConvNeXtTiny')   # the slim path; ops, squeeze-excite and a 1×1-conv head; nesting, LayerNorm, groups
+ALL = os.environ.get('CNNMODULES_FAMILIES', '') == 'all'
+
+
+def family_model(name, classes=4, seed=0):
+    "The untrained family model, BatchNormalization statistics set from one batch of random images."
+    s = FAMILIES[name]
+    keras.utils.set_random_seed(seed)
+    m = getattr(keras.applications, name)(weights=None, input_shape=(s, s, 3), classes=classes)
+    bns = [l for l in m._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    for l in bns: l.momentum = 0.0
+    if bns: m(np.random.default_rng(seed + 1).uniform(0, 255, (16, s, s, 3)).astype('float32'), training=True)
+    return m
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_family_decomposes_soundly(name):
+    if name not in QUICK and not ALL: pytest.skip('heavy: set CNNMODULES_FAMILIES=all')
+    m = family_model(name)
+    g = graph_of(m)
+    s = FAMILIES[name]
+    x3 = np.random.default_rng(2).uniform(0, 255, (3, s, s, 3)).astype('float32')
+    x, y = np.tile(x3, (4, 1, 1, 1)), np.repeat(np.arange(4), 3)     # every class sees the same three images
+    ms = decompose(m, x, y, n_concerned=3, steps=('ci', 'ti', 'mc', 'bi'), progress=False)
+    assert len(ms) == 4 and all(0 < mod.kept_fraction() <= 1 for mod in ms)
+    z = module_logits(ms, x3)                                        # logits: an untrained net's softmax saturates (ties at 1.0)
+    parent = np.asarray(m(x3)).argmax(1)
+    np.testing.assert_array_equal(vote_margin(z[..., 0] - z[..., 1]), parent)
+    pc = 0.5 * (1 + np.tanh((z[..., 0] - z[..., 1]) / 2))           # p_concerned, without overflow
+    np.testing.assert_allclose(np.asarray(ms[1].to_keras()(x3))[:, 0], pc[:, 1], rtol=1e-4, atol=1e-5)
+    try: slim = ms[1].to_keras(slim=True)
+    except DecompositionError as e: assert 'slim export cannot slice' in str(e)
+    else: np.testing.assert_allclose(np.asarray(slim(x3))[:, 0], pc[:, 1], rtol=1e-4, atol=1e-5)
+    print(name, g, f'kept {np.mean([mod.kept_fraction() for mod in ms]):.3f}')
+
+
+def test_refusals_name_the_layer():
+    "What is still refused says which layer and why."
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, dilation_rate=2, activation='relu', name='dil')(inp)
+    m = keras.Model(inp, keras.layers.Dense(2, activation='softmax')(keras.layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(DecompositionError, match="'dil'.*dilation_rate"): graph_of(m)
+    x = keras.layers.Conv2D(4, 3, activation='relu')(inp)
+    x = keras.layers.Concatenate(axis=1, name='rows')([x, x])
+    m = keras.Model(inp, keras.layers.Dense(2, activation='softmax')(keras.layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(DecompositionError, match="'rows'.*only the last"): graph_of(m)
+
+
+from pathlib import Path
+import json
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared' / 'data'
+
+
+@pytest.mark.skipif(not (SHARED / 'cifar10-jpeg.zip').exists(), reason=f'no offline CIFAR-10 copy at {SHARED}')
+def test_architectures_notebook(tmp_path):
+    "nbs/experiments/architectures.ipynb under papermill at its CI-sized defaults."
+    papermill = pytest.importorskip('papermill')
+    exp = REPO / 'nbs' / 'experiments'
+    papermill.execute_notebook(str(exp / 'architectures.ipynb'), str(tmp_path / 'out.ipynb'),
+                               parameters=dict(data_dir=str(SHARED), out_dir=str(tmp_path / 'arch')),
+                               cwd=str(exp), kernel_name='python3', progress_bar=False)
+    m = json.loads((tmp_path / 'arch' / 'metrics.json').read_text())
+    (row,) = m['rows']
+    assert row['accepted'] and row['nodes'] > 0 and 0 < row['kept_share'] <= 1
+    assert 0 <= row['argmax_agreement'] <= 1 and 0 <= row['composed_top1'] <= 1 and row['module_file_mb'] > 0
