@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from .graph import LayerGraph, DecompositionError, forward
+from .graph import LayerGraph, DecompositionError, forward, graph_function
 from .graph import model_input
 
 # %% auto #0
@@ -79,7 +79,7 @@ def _counter(graph, n_classes:int, strategy=None):
                 else:                  # variables synchronised on read take no scatter: a dense per-class sum per replica batch
                     a.assign_add(tf.concat([tf.math.unsorted_segment_sum(on, lab, n_classes),
                                             tf.math.unsorted_segment_sum(on, tf.where(tan, lab, -1), n_classes)], 0))
-        if strategy is None: step = tf.function(add, reduce_retracing=True)
+        if strategy is None: step = graph_function(add)   # its own trace count per graph (02_graph): no retracing notices across models
         else:
             @tf.function(reduce_retracing=True)
             def step(batch): strategy.run(add, args=batch)
