@@ -139,6 +139,14 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, 'README.md', 'exec'), ns)
     assert len(ns['modules']) == 10
     assert (tmp_path / 'three.keras').is_file() and (tmp_path / 'digits.cnnm').is_file()
+    # the two-class subset model it saved opens with Keras and votes as the two modules composed do
+    import keras
+    from cnnmodules.compose import module_logits, compose_vote
+    pair, x35 = ns['modules'][[3, 5]], ns['x35']
+    p = keras.saving.load_model(tmp_path / 'three_five.keras').predict(x35, verbose=0)
+    z = module_logits(pair, x35)
+    assert p.shape == (len(x35), 2)
+    assert (p.argmax(1) == compose_vote(pair, z[..., 0] - z[..., 1])).mean() >= 0.99   # float32 ties at most
 
 
 # --- evaluate checks x and y as decompose does (issue 14 §6.1) -----------------------------------------
