@@ -1,7 +1,7 @@
 """The outputs committed in executed notebooks stay documentation (issue 14, section 4): small, with their figures,
 and free of TensorFlow's start-up lines, warnings that are noise, progress bars and the paths of the machine that ran them.
 
-Only the notebooks executed with a quiet first cell are checked; 02, 03, 06, 08 and 10 join the list when they are
+Only the notebooks executed with a quiet first cell are checked; 02, 03, 06 and 10 join the list when they are
 executed that way (their committed outputs predate it)."""
 import json, re
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 
 NBS = Path(__file__).resolve().parents[1] / 'nbs'
 # notebook -> does it hold a figure?
-EXECUTED = {'04_modularize': True, '11_scenarios': False, '12_compact': True, '13_bench': True, '14_experiments': False}
+EXECUTED = {'04_modularize': True, '08_compose': True, '11_scenarios': False, '12_compact': True, '13_bench': True, '14_experiments': False}
 MAX_BYTES = 300_000
 # machine paths: a home or work folder (the pattern test_package uses for sources), or the temporary folder
 NOISE = re.compile(r'I0000 |absl::|WARNING:tensorflow|Warning:|\x1b\[|\r|' + r'(?<![\w.~-])/(?:' + '|'.join(['work', 'home', 'root', 'Users', 'tmp']) + ')/')
