@@ -23,7 +23,7 @@ import keras
 
 from cnnmodules.graph import graph_of, DecompositionError
 from cnnmodules.decompose import decompose
-from cnnmodules.compose import module_logits, vote_margin
+from cnnmodules.compose import module_logits, vote_margin, calibration_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
@@ -59,11 +59,12 @@ def test_family_decomposes_soundly(name):
     z = module_logits(ms, x3)                                        # logits: an untrained net's softmax saturates (ties at 1.0)
     parent = np.asarray(m(x3)).argmax(1)
     np.testing.assert_array_equal(vote_margin(z[..., 0] - z[..., 1]), parent)
-    pc = 0.5 * (1 + np.tanh((z[..., 0] - z[..., 1]) / 2))           # p_concerned, without overflow
-    np.testing.assert_allclose(np.asarray(ms[1].to_keras()(x3))[:, 0], pc[:, 1], rtol=1e-4, atol=1e-5)
+    a, b = calibration_of(ms[1])                                     # the module's calibration map, folded into its .keras head
+    pc1 = 0.5 * (1 + np.tanh((a * (z[:, 1, 0] - z[:, 1, 1]) + b) / 2))   # p_concerned, without overflow
+    np.testing.assert_allclose(np.asarray(ms[1].to_keras()(x3))[:, 0], pc1, rtol=1e-4, atol=1e-5)
     try: slim = ms[1].to_keras(slim=True)
     except DecompositionError as e: assert 'slim export cannot slice' in str(e)
-    else: np.testing.assert_allclose(np.asarray(slim(x3))[:, 0], pc[:, 1], rtol=1e-4, atol=1e-5)
+    else: np.testing.assert_allclose(np.asarray(slim(x3))[:, 0], pc1, rtol=1e-4, atol=1e-5)
     print(name, g, f'kept {np.mean([mod.kept_fraction() for mod in ms]):.3f}')
 
 
