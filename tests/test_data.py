@@ -328,9 +328,9 @@ def test_keras_fallback_is_wired(tmp_path, monkeypatch):
     monkeypatch.setattr(keras.datasets.mnist, 'load_data', stub((28, 28), 10, col=False))
     ds = load_dataset('cifar10', data_dir=tmp_path)                       # empty data folder: falls back
     assert ds.class_names == CIFAR10_CLASSES and ds.y_train.shape == (6,) and ds.meta['source'] == 'keras.datasets.cifar10'
-    ds = load_dataset('cifar100', label_mode='coarse')
+    ds = load_dataset('cifar100', data_dir=tmp_path, label_mode='coarse')
     assert calls[-1] == {'label_mode': 'coarse'} and ds.num_classes == 20 and ds.class_names[0] == 'aquatic_mammals'
-    ds = load_dataset('mnist')
+    ds = load_dataset('mnist', data_dir=tmp_path)     # an empty folder: the default one (shared/data) may hold a real copy
     assert ds.x_train.shape == (6, 28, 28, 1) and ds.class_names[9] == '9'
 
 
