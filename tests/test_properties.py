@@ -457,6 +457,7 @@ def test_shape_mismatches_are_clear():
 # ---------------------------------------------------------------- 9. issue 16: the layers of the keras.applications families
 
 from cnn_strategies import arch_specs, build_arch, head_logits, KINDS
+from cnnmodules.compose import calibration_of
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -480,7 +481,8 @@ def test_arch_ci_ti_exact_on_observed_inputs(kind, data):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
     p = np.asarray(ms[0].to_keras()(x))                         # the standalone export, on all inputs
     zz = module_logits([ms[0]], x)[:, 0]
-    np.testing.assert_allclose(p[:, 0], sigmoid(zz[:, 0] - zz[:, 1]), rtol=1e-9, atol=1e-12)
+    a, b = calibration_of(ms[0])                                  # the module's calibration map is folded into its export
+    np.testing.assert_allclose(p[:, 0], sigmoid(a * (zz[:, 0] - zz[:, 1]) + b), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize('kind', KINDS)
