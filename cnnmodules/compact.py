@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .graph import LayerGraph, DecompositionError, forward, graph_of, model_input, export_op, ZERO_ACTS
 from .concern import ActivationCounts, sample_inputs, _check_rate
 from .modularize import live_elements
-from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing
+from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing, fold_calibration
 
 # %% auto #0
 __all__ = ['SLIM_KINDS', 'GRANULARITIES', 'channel_spaces', 'channel_kept', 'slim_channels', 'parent_size', 'slim_keras',
@@ -199,7 +199,7 @@ def slim_keras(module:Module) -> keras.Model:
     out = head(vals[g.head_input.idx])
     head.set_weights([(module.head_kernel * np.asarray(module.head_keep)[:, None])[k], module.head_bias])
     safe = ''.join(ch if ch.isalnum() else '_' for ch in str(module.class_name))
-    return keras.Model(inp, out, name=f'module_{module.class_index}_{safe}_slim')
+    return fold_calibration(keras.Model(inp, out, name=f'module_{module.class_index}_{safe}_slim'), module)
 
 _masked_to_keras = getattr(Module.to_keras, '_masked', Module.to_keras)
 

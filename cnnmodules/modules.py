@@ -5,7 +5,7 @@
 # %% ../nbs/06_modules.ipynb #cfca20cd
 from __future__ import annotations
 from dataclasses import dataclass, field
-import functools, io, json, tempfile, warnings, zipfile
+import io, json, tempfile, warnings, zipfile
 from pathlib import Path
 
 import numpy as np
@@ -109,22 +109,8 @@ def fold_calibration(km:keras.Model, module) -> keras.Model:
         head.set_weights([k * a, hb * a + np.array([b / 2, -b / 2], hb.dtype)])
     return km
 
-def _calibrated_export(f):
-    "`f` (a method returning a module's standalone model) followed by `fold_calibration`, once."
-    if getattr(f, '_calibrated', False): return f
-    @functools.wraps(f)
-    def export(self, *args, **kwargs): return fold_calibration(f(self, *args, **kwargs), self)
-    export._calibrated, export._masked = True, getattr(f, '_masked', f)
-    return export
-
-class _ModuleType(type):
-    "Whoever defines or patches `to_keras` / `to_slim_keras` (notebook 12 patches them), the exported model is calibrated."
-    def __setattr__(cls, name, value):
-        if name in ('to_keras', 'to_slim_keras') and callable(value): value = _calibrated_export(value)
-        super().__setattr__(name, value)
-
 @dataclass(eq=False)
-class Module(metaclass=_ModuleType):
+class Module:
     "A binary classifier for one class: the parent's network with removed nodes masked, and a 2-unit head."
     class_index: int            # the concerned class in the parent's output
     class_name: str
@@ -167,8 +153,7 @@ class Module(metaclass=_ModuleType):
         out = head(vals[g.head_input.idx])
         head.set_weights([self.head_kernel * self.head_keep[:, None], self.head_bias])
         safe = ''.join(ch if ch.isalnum() else '_' for ch in str(self.class_name))
-        return keras.Model(inp, out, name=f'module_{self.class_index}_{safe}')
-    to_keras = _calibrated_export(to_keras)
+        return fold_calibration(keras.Model(inp, out, name=f'module_{self.class_index}_{safe}'), self)
 
 # %% ../nbs/06_modules.ipynb #dba1c45f
 FORMAT = 'cnnmodules.ModuleSet/1'
