@@ -249,11 +249,10 @@ def calibrate(ms:ModuleSet, x, y,           # labelled inputs; labels `y` = posi
               mode:str='exact', batch_size:int=256, source:str|None=None) -> ModuleSet:
     "A copy of `ms` whose modules carry maps p = σ(a·margin + b) fitted on (x, y): every input is an example for every module of the group, positive for its own class."
     if per not in ('parent', 'module', 'set'): raise DecompositionError(f"per must be 'parent', 'module' or 'set'; got {per!r}")
-    x, y = np.asarray(x), np.asarray(y).reshape(-1)
-    if len(x) != len(y): raise DecompositionError(f'x and y must have the same length; got {len(x)} inputs and {len(y)} labels')
-    if not len(y): raise DecompositionError('calibrate needs labelled inputs; got none')
+    x, y = check_data(x, y, ms.input_shape, len(ms), expects='the modules expect', labels='(positions in the module set)',
+                      purpose='calibrate needs labelled inputs')   # the checks `decompose` and `evaluate` make (02_graph)
+    check_finite(x)
     y = y.astype('int64')
-    if y.min() < 0 or y.max() >= len(ms): raise DecompositionError(f'y must hold positions 0..{len(ms) - 1} of the set; found {y.min()}..{y.max()}')
     z = module_logits(ms, x, mode, batch_size)
     margin = z[..., 0] - z[..., 1]
     mods = list(ms.modules)

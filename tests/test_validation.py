@@ -175,17 +175,18 @@ NONE_CASES = [('x None', lambda d: (None, d.y_train, {}), 'x', 'x must be a nume
 
 @pytest.mark.parametrize('make,arg,expected', [c[1:] for c in DATA_CASES + NONE_CASES], ids=[c[0] for c in DATA_CASES + NONE_CASES])
 def test_evaluate_refuses_what_decompose_refuses(digits, model, every_node, no_composition, make, arg, expected):
-    "The same bad x or y gives decompose and ModuleSet.evaluate the same error (the modules' shape and label range in its words), before any scoring."
+    "The same bad x or y gives decompose, ModuleSet.evaluate and calibrate the same error (the modules' shape and label range in their words), before any scoring."
     x, y, _ = make(digits)
     errors = []
-    for run in (lambda: decompose(model, x, y, progress=False), lambda: every_node.evaluate(x, y)):
+    for run in (lambda: decompose(model, x, y, progress=False), lambda: every_node.evaluate(x, y), lambda: comp.calibrate(every_node, x, y)):
         with pytest.raises(DecompositionError) as e: run()
         errors.append(str(e.value))
-    dec_msg, ev_msg = errors
-    assert re.search(rf'(^|\W){re.escape(arg)}\W', ev_msg), f'message does not name {arg!r}: {ev_msg}'
-    assert expected.replace('the model expects', 'the modules expect') in ev_msg, ev_msg
+    dec_msg, *set_msgs = errors
     common = lambda m: re.sub(r'(for this 10-class model|\(positions in the module set\)|the model expects|the modules expect|: \w+ needs \w+ inputs)', '', m)
-    assert common(dec_msg) == common(ev_msg), (dec_msg, ev_msg)
+    for msg in set_msgs:
+        assert re.search(rf'(^|\W){re.escape(arg)}\W', msg), f'message does not name {arg!r}: {msg}'
+        assert expected.replace('the model expects', 'the modules expect') in msg, msg
+        assert common(dec_msg) == common(msg), (dec_msg, msg)
 
 def test_evaluate_accepts_what_decompose_accepts(digits, every_node, no_composition):
     "Integer-valued float labels, a (n, 1) column and uint8 inputs get as far as the scoring."
