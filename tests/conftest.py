@@ -6,6 +6,7 @@ on `sys.path` before importing it. Nothing here imports TensorFlow, so a run tha
 import os, shutil, tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest_plugins = ['pytester']
@@ -111,3 +112,17 @@ def _private_tempdir(tmp_path_factory):
 def session_cache() -> Path:
     "The run's dataset and model cache folder (`$CNNMODULES_CACHE` for this run), removed at its end."
     return _SESSION['root'] / 'cache'
+
+
+# ---------------------------------------------------------------- small data the tests write themselves
+
+def write_mnist_like(root, n=20, seed=0):
+    "A folder in MNIST's idx layout (28x28 images, labels 0..9): what the real loader reads, without the offline copy or a download."
+    import gzip, struct
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for pre in ('train', 't10k'):
+        x, y = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
+        for kind, a, magic in (('images-idx3', x, 0x803), ('labels-idx1', y, 0x801)):
+            (root / f'{pre}-{kind}-ubyte.gz').write_bytes(gzip.compress(struct.pack('>i', magic) + struct.pack(f'>{a.ndim}i', *a.shape) + a.tobytes()))
+    return root

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = 'import sys; from cnnmodules.cli import main; sys.exit(main())'
@@ -37,17 +38,6 @@ def one_line(r, status, *msgs):
     return lines[0]
 
 def files(d): return sorted(p.name for p in Path(d).iterdir() if p.name != 'cache')
-
-def write_mnist_like(root, n=20, seed=0):
-    "A folder in MNIST's idx layout (28x28 images, labels 0..9): read by the real loader, no offline copy or download needed."
-    import gzip, struct
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for pre in ('train', 't10k'):
-        x, y = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
-        for kind, a, magic in (('images-idx3', x, 0x803), ('labels-idx1', y, 0x801)):
-            (root / f'{pre}-{kind}-ubyte.gz').write_bytes(gzip.compress(struct.pack('>i', magic) + struct.pack(f'>{a.ndim}i', *a.shape) + a.tobytes()))
-    return root
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared' / 'data'   # the offline copies, when this is a checkout beside them (nothing here needs them)
@@ -28,17 +29,6 @@ def work(tmp_path_factory):
         ok(run(['train', '--data', 'digits', '--epochs', 5, '--seed', seed, '--out', f'm{seed}.keras', '--quiet'], d))
         ok(run(['decompose', f'm{seed}.keras', '--data', 'digits', '--out', f's{seed}.cnnm', '--n-concerned', 100], d))
     return d
-
-def write_mnist_like(root, n=20, seed=0):
-    "A folder in MNIST's idx layout (28x28 images, labels 0..9): what the real loader reads, without the offline copy or a download."
-    import gzip, struct
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for pre in ('train', 't10k'):
-        x, y = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
-        for kind, a, magic in (('images-idx3', x, 0x803), ('labels-idx1', y, 0x801)):
-            (root / f'{pre}-{kind}-ubyte.gz').write_bytes(gzip.compress(struct.pack('>i', magic) + struct.pack(f'>{a.ndim}i', *a.shape) + a.tobytes()))
-    return root
 
 def own_top1(path):
     "The model's test top-1 on digits, measured without cnnmodules' evaluation code: Keras' own loader and predict."

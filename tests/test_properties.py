@@ -189,7 +189,10 @@ def test_steps_nest(residual, delta, data):
 def test_ci_ti_exact_on_observed_inputs(residual, data):
     "With the default node rule, every CI+TI module reproduces the channeled parent's logits on its concerned and tangling inputs."
     spec = data.draw(cnn_specs(residual=residual), label='spec')
-    m = build(spec)
+    assert_ci_ti_exact(build(spec), spec, parent_logits, tol=1e-11)
+
+def assert_ci_ti_exact(m, spec, logits, tol):
+    "Decompose `m` with CI+TI (E = 4) and check every module against the channeled parent on the inputs it observed, the parent's logits from `logits(m, x)` (a Keras sub-model: independent of the engine); the set and the inputs."
     N, E = spec['N'], 4
     x, y = make_data(spec, E + 2)
     ms = decompose(m, x, y, n_concerned=E, steps=('ci', 'ti', 'mc'), seed=spec['seed'], progress=False)
@@ -198,9 +201,10 @@ def test_ci_ti_exact_on_observed_inputs(residual, data):
     for mod in ms:
         c = mod.class_index
         seen = smp.index[(smp.label == c) | (smp.tangling & (smp.label != c))]
-        z, _ = parent_logits(m, x[seen])                      # Keras sub-model: independent of the engine
+        z, _ = logits(m, x[seen])
         want = np.stack([z[:, c], (z.sum(1) - z[:, c]) / (N - 1)], 1)
-        np.testing.assert_allclose(module_logits([mod], x[seen])[:, 0], want, rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(module_logits([mod], x[seen])[:, 0], want, rtol=tol, atol=tol)
+    return ms, x
 
 
 # ---------------------------------------------------------------- 4. backtracking never changes a module's output
@@ -466,19 +470,7 @@ from cnnmodules.compose import calibration_of
 def test_arch_ci_ti_exact_on_observed_inputs(kind, data):
     "Each new layer kind (activations of every sort, depthwise/separable/grouped convolutions, Concatenate, squeeze-excite Multiply, Cropping2D, LayerNormalization, keras.ops, ReLU variants; Softmax/1×1-conv heads): under the default rule every CI+TI module reproduces the channeled parent on its concerned and tangling inputs, and its masked Keras export computes what the engine computes."
     spec = data.draw(arch_specs(kinds=(kind,)), label='spec')
-    m = build_arch(spec)
-    N, E = spec['N'], 4
-    x, y = make_data(spec, E + 2)
-    ms = decompose(m, x, y, n_concerned=E, steps=('ci', 'ti', 'mc'), seed=spec['seed'], progress=False)
-    smp = sample_inputs(y, N, E, seed=spec['seed'])
-    event(f"CI+TI removed nodes: {_kept(ms) < len(ms) * graph_of(m).n_nodes()}")
-    for mod in ms:
-        c = mod.class_index
-        seen = smp.index[(smp.label == c) | (smp.tangling & (smp.label != c))]
-        z, _ = head_logits(m, x[seen])                         # Keras sub-model: independent of the engine
-        want = np.stack([z[:, c], (z.sum(1) - z[:, c]) / (N - 1)], 1)
-        got = module_logits([mod], x[seen])[:, 0]
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    ms, x = assert_ci_ti_exact(build_arch(spec), spec, head_logits, tol=1e-9)
     p = np.asarray(ms[0].to_keras()(x))                         # the standalone export, on all inputs
     zz = module_logits([ms[0]], x)[:, 0]
     a, b = calibration_of(ms[0])                                  # the module's calibration map is folded into its export
