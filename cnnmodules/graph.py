@@ -147,7 +147,7 @@ def _calls_on_path(fm):
     alias, order, seen, used = {}, [], set(), {}
     rank = {id(o): (i,) for i, o in enumerate(fm.operations)}
     def visit(t):
-        while id(t) in alias: t = alias[id(t)]
+        t = _resolve(t, alias)
         if id(t) in seen: return
         seen.add(id(t))
         l, ni = t._keras_history[0], t._keras_history[1]
@@ -171,17 +171,16 @@ def _calls_on_path(fm):
     order.sort(key=lambda ln: rank.get(id(ln[0]), (len(rank),)))
     return order, alias
 
+def _resolve(t, alias):
+    "The tensor `t` stands for: a nested model's input or output tensor followed to the tensor it is bound to."
+    while id(t) in alias: t = alias[id(t)]
+    return t
+
 def _head_calls(order, out_t, alias):
     "Split the calls: (the head's call, the calls after it that make the output) — the output Dense, or a linear Dense/1×1 Conv2D followed by Flatten/Reshape and a softmax."
     by_out = {id(n.output_tensors[0]): (l, n) for l, n in order}
-    def src(n):
-        t = n.input_tensors[0]
-        while id(t) in alias: t = alias[id(t)]
-        return by_out.get(id(t), (None, None))
-    def resolve(t):
-        while id(t) in alias: t = alias[id(t)]
-        return t
-    l, n = by_out[id(resolve(out_t))]
+    def src(n): return by_out.get(id(_resolve(n.input_tensors[0], alias)), (None, None))
+    l, n = by_out[id(_resolve(out_t, alias))]
     tail, act = [], None
     cls = type(l).__name__
     if cls == 'Softmax' or cls == 'Activation' and _act_name(l.activation) in ('softmax', 'linear'):
@@ -210,9 +209,6 @@ class LayerGraph:
             raise DecompositionError(f"model '{model.name}' must have one input and one output; it has {len(fm.inputs)} and {len(fm.outputs)}")
         order, alias = _calls_on_path(fm)
         head_layer, self.output_activation, tail = _head_calls(order, fm.outputs[0], alias)
-        def resolve(t):
-            while id(t) in alias: t = alias[id(t)]
-            return t
         self.ops, tensor_op = [], {}
         inp = fm.inputs[0]
         self.ops.append(Op(0, 'input', 'input', None, [], tuple(inp.shape[1:])))
@@ -220,7 +216,7 @@ class LayerGraph:
         skip = {id(l) for l in tail}
         for l, node in order:
             if id(l) in skip: continue
-            tensors = [resolve(t) for t in node.input_tensors]
+            tensors = [_resolve(t, alias) for t in node.input_tensors]
             kind, act = _kind(l, l is head_layer, len(tensors))
             try: ins = [tensor_op[id(t)] for t in tensors]
             except KeyError: raise DecompositionError(f"layer '{l.name}': its input does not come from the model's input or an earlier layer") from None
