@@ -393,10 +393,6 @@ from pathlib import Path
 from .modules import _mask_form, _unpack_bits, _named
 from .compose import calibration_of
 
-def _calib_ab(module) -> tuple:
-    "(a, b) of the module's calibration, p_concerned = σ(a·margin + b): `compose.calibration_of` (identity when it has none, or when its head changed since)."
-    return calibration_of(module)
-
 def _one_parent(ms):
     "The graph of the set's one parent; a `DecompositionError` when its modules come from several parents or node rules."
     m0 = ms.modules[0]
@@ -486,7 +482,7 @@ def subset_keras(ms:ModuleSet,
     k = keep[g.head_input.idx]; d = int(k.sum())
     W = np.stack([(np.asarray(m.head_kernel) * np.asarray(m.head_keep)[:, None])[k] for m in ms]).astype('float64')   # (M, d, 2)
     B = np.stack([np.asarray(m.head_bias) for m in ms]).astype('float64')
-    a, b = np.array([_calib_ab(m) for m in ms]).T
+    a, b = np.array([calibration_of(m) for m in ms]).T
     wm, bm = a[:, None] * (W[..., 0] - W[..., 1]), a * (B[:, 0] - B[:, 1]) + b          # calibrated logit = a·margin + b, folded in
     act = 'sigmoid' if output == 'p' else None
     dtp = g.head.layer.dtype_policy
