@@ -80,21 +80,14 @@ def test_refusals_name_the_layer():
     with pytest.raises(DecompositionError, match="'rows'.*only the last"): graph_of(m)
 
 
-from pathlib import Path
 import json
+from conftest import needs_data, run_experiment
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / 'shared' / 'data'
-
-
-@pytest.mark.skipif(not (SHARED / 'cifar10-jpeg.zip').exists(), reason=f'no offline CIFAR-10 copy at {SHARED}')
+@needs_data('cifar10-jpeg.zip')
 def test_architectures_notebook(tmp_path):
     "nbs/experiments/architectures.ipynb under papermill at its CI-sized defaults."
-    papermill = pytest.importorskip('papermill')
-    exp = REPO / 'nbs' / 'experiments'
-    papermill.execute_notebook(str(exp / 'architectures.ipynb'), str(tmp_path / 'out.ipynb'),
-                               parameters=dict(data_dir=str(SHARED), out_dir=str(tmp_path / 'arch')),
-                               cwd=str(exp), kernel_name='python3', progress_bar=False)
+    pytest.importorskip('papermill')
+    run_experiment('architectures.ipynb', tmp_path / 'out.ipynb', out_dir=str(tmp_path / 'arch'))
     m = json.loads((tmp_path / 'arch' / 'metrics.json').read_text())
     (row,) = m['rows']
     assert row['accepted'] and row['nodes'] > 0 and 0 < row['kept_share'] <= 1

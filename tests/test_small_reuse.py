@@ -16,7 +16,6 @@ here, from plain Keras with numpy, or from scikit-learn — never from the code 
 5. The papermill run of the frontier notebook at its CI defaults.
 """
 import dataclasses, json, os, subprocess, sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,8 @@ import keras
 from keras import layers
 from hypothesis import given, strategies as st
 
-from cnn_strategies import cnn_specs, build, props, make_data
+from cnn_strategies import cnn_specs, build, props
+from conftest import DATA, TRAINED_PARENT as PARENT, needs_data, require_file, run_experiment
 
 from cnnmodules.graph import graph_of, DecompositionError
 from cnnmodules.modules import Module, ModuleSet
@@ -34,7 +34,6 @@ from cnnmodules.decompose import decompose
 from cnnmodules.compact import channel_spaces, model_macs, model_sizes, learn_subset_gates, reengineer_subset, _space_nodes
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sigmoid(z): return 1 / (1 + np.exp(-z))
@@ -166,7 +165,6 @@ def macs_by_hand(model):
 def test_macs_of_the_parent_and_of_small_subset_models(tmp_path):
     m = build_fixed('float32')
     assert model_macs(m) == macs_by_hand(m)
-    rng = np.random.default_rng(3)
     g = graph_of(m)
     hk, hb = channel_head(*g.head.layer.get_weights()[:2], [0, 1])
     def few(seed):   # whole channels, about a quarter of each layer's, the same along each residual stream
@@ -263,20 +261,10 @@ def test_budget_is_checked(decomposed):
 
 # ---------------------------------------------------------------- 5. the frontier notebook at its CI defaults
 
-_CANDIDATES = ([Path(os.environ['CNNMODULES_DATA'])] if os.environ.get('CNNMODULES_DATA') else []) + \
-              [REPO.parent / 'shared' / 'data', REPO.parents[1] / 'shared' / 'data']   # the repository's, or a worktree's beside it
-SHARED = next((d for d in _CANDIDATES if (d / 'cifar10-jpeg.zip').exists()), _CANDIDATES[0])
-PARENT = REPO / 'reports' / 'models' / 'cifar10_resnet20.keras'
-
-
-@pytest.mark.skipif(not ((SHARED / 'cifar10-jpeg.zip').exists() and PARENT.exists()),
-                    reason=f'no offline CIFAR-10 copy at {SHARED} or no trained parent at {PARENT}')
+@needs_data('cifar10-jpeg.zip')
 def test_frontier_notebook_runs_at_ci_defaults(tmp_path):
-    papermill = pytest.importorskip('papermill')
-    exp = REPO / 'nbs' / 'experiments'
-    papermill.execute_notebook(str(exp / 'small_reuse.ipynb'), str(tmp_path / 'small_reuse.ipynb'),
-                               parameters=dict(data_dir=str(SHARED), out_dir=str(tmp_path / 'out')),
-                               cwd=str(exp), kernel_name='python3', progress_bar=False)
+    require_file(PARENT)
+    run_experiment('small_reuse.ipynb', tmp_path / 'small_reuse.ipynb', out_dir=str(tmp_path / 'out'))
     out = tmp_path / 'out'
     m = json.loads((out / 'metrics.json').read_text())
     assert (out / 'frontier.png').stat().st_size > 10_000 and (out / 'summary.md').exists() and (out / 'rows.csv').exists()
@@ -286,7 +274,7 @@ def test_frontier_notebook_runs_at_ci_defaults(tmp_path):
     assert m['parent']['params'] == rec['parameters']                  # measured on the model = its training record
     # the parent restricted to the pair, computed here from the same seeded test images
     from cnnmodules.experiments import experiment_data
-    ds, _ = experiment_data('cifar10', str(SHARED))
+    ds, _ = experiment_data('cifar10', str(DATA))
     cls = s['subsets'][0]
     xt, yt = ds.sample_per_class(50, seed=0, split='test')        # the notebook's test images: 50 per class, seed 0
     sel = np.isin(yt, cls)
