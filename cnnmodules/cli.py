@@ -377,7 +377,9 @@ def _evaluate(a, p):
         r = evaluate(model, d.x_test[keep], d.y_test[keep])
         out = {'kind': 'model', **r, 'n': int(keep.sum()), 'classes': [d.class_names[c] for c in cls], 'model': model.name}
     if a.json: print(json.dumps(out))
-    else: print(f"{out['kind']} on {out['n']} test images of {len(out['classes'])} classes: top-1 {out['top1']:.4f}  top-5 {out['top5']:.4f}")
+    else:
+        how = f" ({a.mode}, {a.vote} vote)" if out['kind'] == 'modules' else ''   # a set's score depends on its vote: say which
+        print(f"{out['kind']}{how} on {out['n']} test images of {len(out['classes'])} classes: top-1 {out['top1']:.4f}  top-5 {out['top5']:.4f}")
 
 def _compose_args(p):
     p.add_argument('sets', type=_existing_file('module set'), nargs='+', metavar='SET.cnnm[:classes]', help='module sets, each optionally with the classes to take (positions or names)')

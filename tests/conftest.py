@@ -3,7 +3,7 @@ the papermill helper of the experiment tests, and private caches removed at the 
 
 Helpers are imported by the test files (`from conftest import needs_data, run_experiment`); pytest puts this folder
 on `sys.path` before importing it. Nothing here imports TensorFlow, so a run that only skips stays fast."""
-import os, shutil, tempfile
+import contextlib, io, os, shutil, subprocess, sys, tempfile, traceback, warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,47 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     n = len(reasons)
     terminalreporter.write_line(f"{OFFLINE} ({where}; set CNNMODULES_DATA): {n} test{'s' if n != 1 else ''} skipped",
                                 yellow=True, bold=True)
+
+
+# ---------------------------------------------------------------- the command line, in this process
+
+@contextlib.contextmanager
+def _environment(env):
+    "`env` as the whole of os.environ inside the block; the old environment restored after it."
+    old = dict(os.environ)
+    os.environ.clear(); os.environ.update(env)
+    try: yield
+    finally: os.environ.clear(); os.environ.update(old)
+
+def _show_on_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+def _fresh_process_warnings():
+    "Inside `catch_warnings`: the filters a new Python process starts with, shown on (the current) sys.stderr."
+    warnings.resetwarnings()                  # changing the filters also forgets which warnings were already shown
+    for cat, action, module in ((ResourceWarning, 'ignore', ''), (ImportWarning, 'ignore', ''), (PendingDeprecationWarning, 'ignore', ''),
+                                (DeprecationWarning, 'ignore', ''), (DeprecationWarning, 'default', '__main__')):
+        warnings.filterwarnings(action, category=cat, module=module)   # each goes first: the last is checked first
+    warnings.showwarning = _show_on_stderr
+
+def cli_main(args, cwd, env=None) -> subprocess.CompletedProcess:
+    """`cnnmodules ARGS` through `cnnmodules.cli.main` (what the console script calls) in this process, in `cwd` with `env`
+    as the whole environment: its exit status and what it printed, as a CompletedProcess. An uncaught exception is a
+    traceback on stderr and status 1, as in a process of its own; warnings are filtered and shown on stderr as in a
+    fresh process.
+    The command-line tests use it to skip TensorFlow's start-up per call (most of their time as subprocesses);
+    tests/test_cli.py and CI's README command 1 run the real console script in processes of their own."""
+    from cnnmodules.cli import main
+    args, out, err = [str(a) for a in args], io.StringIO(), io.StringIO()
+    with _environment(dict(os.environ) if env is None else env), contextlib.chdir(cwd), warnings.catch_warnings(), \
+         contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        _fresh_process_warnings()
+        try: code = main(args)
+        except SystemExit as e:
+            code = e.code
+            if not isinstance(code, (int, type(None))): print(code, file=sys.stderr); code = 1
+        except Exception: traceback.print_exc(); code = 1
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
 
 
 # ---------------------------------------------------------------- experiment notebooks under papermill

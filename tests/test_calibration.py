@@ -11,10 +11,6 @@
    --json` says which vote it used and takes `--vote paper`.
 """
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,6 +21,7 @@ import keras
 from hypothesis import given, assume, strategies as st
 
 from cnn_strategies import cnn_specs, build, props, make_data
+from conftest import cli_main
 
 from cnnmodules.graph import graph_of, DecompositionError
 from cnnmodules.modularize import channel_head
@@ -249,8 +246,8 @@ def test_old_files_load_with_identity_maps_and_a_note(two_parents, tmp_path):
 # ---------------------------------------------------------------- 5. command line
 
 def cli(*args, cwd):
-    r = subprocess.run([sys.executable, '-c', 'import sys; from cnnmodules.cli import main; sys.exit(main())', *map(str, args)],
-                       cwd=cwd, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(REPO)})
+    "`cnnmodules ARGS` through `cnnmodules.cli.main` in this process (conftest.cli_main): its stdout, after it succeeded."
+    r = cli_main(args, cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -276,6 +273,9 @@ def test_cli_writes_calibrated_sets_and_reports_the_vote(tmp_path):
     assert out['vote'] == 'calibrated' and paper['vote'] == 'paper'
     assert out['top1'] == r.evaluate(d.x_test, d.y_test, jaccard=False)['top1']
     assert paper['top1'] == r.evaluate(d.x_test, d.y_test, jaccard=False, vote='paper')['top1']
+    for vote, res in (('calibrated', out), ('paper', paper)):   # the plain-text line names the vote its score depends on
+        text = cli('evaluate', 'r.cnnm', '--data', 'digits', '--vote', vote, cwd=tmp_path)
+        assert f'(exact, {vote} vote)' in text and f"top-1 {res['top1']:.4f}" in text, text
     cli('update', 'c.cnnm', '--foreign', 'digits:7,8', '--data', 'digits', '--per-class', 30, '--out', 'u.cnnm', cwd=tmp_path)
     u = ModuleSet.load(tmp_path / 'u.cnnm')
     assert all(calibration_of(m) != (1.0, 0.0) and m.calibration['source'] == 'update' for m in u)

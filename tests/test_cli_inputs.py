@@ -1,12 +1,13 @@
-"""What a new user hit (issue 14 §6), run as a user runs the command (subprocesses on this worktree's code): data it
-cannot find or use, sets it must not build, paths it cannot write — each one line, the right status, nothing written —
-progress on long work, and the README's command-line block as written."""
+"""What a new user hit (issue 14 §6), run as a user runs the command — through `cnnmodules.cli.main` in this process
+(conftest.cli_main), and in a process of its own where the process matters (another copy of the package, a terminal):
+data it cannot find or use, sets it must not build, paths it cannot write — each one line, the right status, nothing
+written — progress on long work, and the README's command-line block as written."""
 import json, os, re, shlex, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_mnist_like
+from conftest import cli_main, write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = 'import sys; from cnnmodules.cli import main; sys.exit(main())'
@@ -20,7 +21,12 @@ def env_for(cwd, **extra):
     e.update(extra)
     return e
 
-def run(args, cwd, timeout=600, **extra):
+def run(args, cwd, **extra):
+    "`cnnmodules ARGS` in `cwd` with `env_for`'s environment, in this process (no TensorFlow start-up per call)."
+    return cli_main(args, cwd, env_for(cwd, **extra))
+
+def run_process(args, cwd, timeout=600, **extra):
+    "The same in a process of its own: for a run whose package is another copy (its PYTHONPATH)."
     return subprocess.run([sys.executable, '-c', MAIN, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=env_for(cwd, **extra), cwd=cwd)
 
@@ -58,13 +64,13 @@ def test_data_lookup_default_folder_then_download_fails_in_one_line(work, tmp_pa
     shutil.copytree(REPO / 'cnnmodules', clone / 'cnnmodules', ignore=shutil.ignore_patterns('__pycache__'))
     shutil.copy(work / 'm.keras', tmp_path / 'm.keras')
     env = dict(NO_NET, PYTHONPATH=str(clone), KERAS_HOME=str(tmp_path / 'keras'))
-    r = run(['evaluate', 'm.keras', '--data', 'mnist'], tmp_path, **env)
+    r = run_process(['evaluate', 'm.keras', '--data', 'mnist'], tmp_path, **env)
     one_line(r, 1, 'mnist not found', 'downloading it through keras.datasets failed', 'CNNMODULES_DATA')
     assert not (tmp_path / 'keras' / 'datasets' / 'mnist.npz').exists()
     write_mnist_like(tmp_path / 'shared' / 'data' / 'mnist')      # now there is an offline copy beside the checkout
-    r = run(['evaluate', 'm.keras', '--data', 'mnist'], tmp_path, **env)
+    r = run_process(['evaluate', 'm.keras', '--data', 'mnist'], tmp_path, **env)
     one_line(r, 1, '(8, 8, 1)', '(28, 28, 1)')                      # found it (no download): it is the wrong shape for m
-    r = run(['evaluate', 'm.keras', '--data', 'mnist'], tmp_path, **env, CNNMODULES_DATA=str(tmp_path / 'nowhere'))
+    r = run_process(['evaluate', 'm.keras', '--data', 'mnist'], tmp_path, **env, CNNMODULES_DATA=str(tmp_path / 'nowhere'))
     one_line(r, 1, 'nowhere does not exist', '$CNNMODULES_DATA')   # the variable wins over the default folder
 
 # 2. images of another shape than the model's
@@ -138,7 +144,7 @@ def test_out_in_an_unwritable_folder_exits_2_before_work(tmp_path):
     for d in folders:
         for args in (['demo', '--epochs', 1, '--out', d / 'ms.cnnm'], ['demo', '--epochs', 1, '--out', f'{d}/'],
                      ['train', '--data', 'digits', '--epochs', 1, '--out', d / 'm.keras']):
-            one_line(run(args, tmp_path, timeout=120), 2, '--out', str(d))
+            one_line(run(args, tmp_path), 2, '--out', str(d))
             assert not (tmp_path / 'cache' / 'models-2').exists(), 'trained before finding out it cannot save'
     print('refused:', ', '.join(map(str, folders)))
 
@@ -214,7 +220,7 @@ def test_readme_command_block_runs_top_to_bottom(tmp_path):
     cmds = readme_commands()
     assert len(cmds) >= 10 and all(c[0] == 'cnnmodules' for c in cmds), cmds
     for c in cmds:                       # every line, `cnnmodules run` included: without a name it only lists the experiments
-        r = run(c[1:], tmp_path, timeout=900)
+        r = run(c[1:], tmp_path)
         assert r.returncode == 0 and 'Traceback' not in r.stderr, (' '.join(c), r.stderr[-3000:])
     made = {p.name for p in tmp_path.iterdir()}
     wanted = {a for c in cmds for a in c if a.endswith(('.keras', '.cnnm'))} | {Path(a.split(':')[0]).name for c in cmds for a in c if '.cnnm:' in a}

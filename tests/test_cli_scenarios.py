@@ -1,20 +1,20 @@
-"The scenario subcommands as a user runs them (subprocesses on this worktree's code): train → decompose → evaluate, compose, replace, update, run, and bad input."
+"The scenario subcommands as a user runs them (through `cnnmodules.cli.main` in this process, conftest.cli_main): train → decompose → evaluate, compose, replace, update, run, and bad input."
 import json, os, subprocess, sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_mnist_like
+from conftest import cli_main, write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared' / 'data'   # the offline copies, when this is a checkout beside them (nothing here needs them)
 MAIN = 'import sys; from cnnmodules.cli import main; sys.exit(main())'
 
-def run(args, cwd, timeout=600):
-    "`cnnmodules ARGS` in `cwd` with a private cache: the CompletedProcess."
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'CNNMODULES_CACHE': str(Path(cwd) / 'cache')}
+def run(args, cwd):
+    "`cnnmodules ARGS` in `cwd` with a private cache, in this process: the CompletedProcess."
+    env = {**os.environ, 'CNNMODULES_CACHE': str(Path(cwd) / 'cache')}
     if SHARED.is_dir(): env['CNNMODULES_DATA'] = str(SHARED)
-    return subprocess.run([sys.executable, '-c', MAIN, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    return cli_main(args, cwd, env)
 
 def ok(r):
     assert r.returncode == 0, r.stderr[-3000:]
@@ -116,7 +116,7 @@ def small_set(work):
 @pytest.mark.parametrize('args,status,msg', BAD, ids=[' '.join(map(str, a)) for a, _, _ in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(work, small_set, args, status, msg):
     before = sorted(p.name for p in work.iterdir() if p.name != 'cache')   # the dataset cache may be filled
-    r = run(args, work, timeout=300)
+    r = run(args, work)
     assert r.returncode == status, (r.returncode, r.stderr[-2000:])
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_and_writes_nothing(work, small_set, args, status,
     print(lines[0])
 
 def test_run_lists_experiments(tmp_path):
-    r = ok(run(['run'], tmp_path, timeout=120))
+    r = ok(run(['run'], tmp_path))
     names = {l.split(':')[0] for l in r.stdout.splitlines()}
     assert names == {p.stem for p in (REPO / 'nbs' / 'experiments').glob('*.ipynb')}
     assert 'epochs=' in r.stdout
