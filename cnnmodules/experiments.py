@@ -13,10 +13,10 @@ from .data import Dataset, DatasetError, load_dataset, resize, subset_classes, a
 
 # %% auto #0
 __all__ = ['TINY_EXTRA', 'EXPERIMENT_DATASETS', 'SUMMARY_MARK', 'default_data_dir', 'experiment_data', 'models_root',
-           'at_most_per_class', 'model_key', 'cached_model', 'inference_copy', 'paper_numbers', 'markdown_table',
-           'write_table', 'repo_root', 'code_version', 'write_metrics', 'repo_relative', 'relative_parameters',
-           'relative_notebook', 'report_summary', 'fill_summary', 'update_reports_readme', 'paper_co2e', 'Measured',
-           'measure']
+           'at_most_per_class', 'model_key', 'TrainingPaused', 'train_deadline', 'cached_model', 'inference_copy',
+           'paper_numbers', 'markdown_table', 'write_table', 'repo_root', 'code_version', 'write_metrics',
+           'repo_relative', 'relative_parameters', 'relative_notebook', 'report_summary', 'fill_summary',
+           'update_reports_readme', 'paper_co2e', 'Measured', 'measure']
 
 # %% ../nbs/14_experiments.ipynb #852c6222
 TINY_EXTRA = {'gorilla': 'n02480855', 'person': 'n10148035'}   # the two classes the motivating example adds (groom stands for person)
@@ -81,6 +81,16 @@ def model_key(tag:str, depth:int, train_per_class:int=0, seed:int=0, lr:float=1e
     if batch_size != 128: key += f'_b{batch_size}'
     return key
 
+class TrainingPaused(RuntimeError):
+    "A `cached_model` run stopped at an epoch end because its time was up; calling it again resumes from its checkpoint folder."
+
+def train_deadline(until=None):
+    "The deadline of a training call (seconds since the epoch): `until`, else `$CNNMODULES_TRAIN_UNTIL`, else none."
+    if until is None: until = os.environ.get('CNNMODULES_TRAIN_UNTIL') or None
+    if until is None: return None
+    try: return float(until)
+    except ValueError: raise ValueError(f'a training deadline is seconds since the epoch (date +%s); got {until!r}') from None
+
 def cached_model(ds:Dataset,                # the training data (uint8 images; the test split is used only for the record)
                  tag:str,                   # names `ds` in the cache (from `experiment_data`, or the caller's own)
                  depth:int=20,              # ResNet v1 depth (6n+2)
@@ -90,6 +100,8 @@ def cached_model(ds:Dataset,                # the training data (uint8 images; t
                  lr:float=1e-3, batch_size:int=128,
                  models_dir=None,           # the cache folder (see `models_root`)
                  verbose=0,                 # Keras progress output while training
+                 until=None,                # stop at the first epoch end after this time (seconds since the epoch; default
+                                            # `$CNNMODULES_TRAIN_UNTIL`) and raise `TrainingPaused`: the next call resumes
                 ) -> tuple:
     "`(model, record)`: a ResNet v1 trained on `ds` with these parameters, from the cache when it is there."
     import keras
@@ -109,15 +121,23 @@ def cached_model(ds:Dataset,                # the training data (uint8 images; t
     ckpt = root / f'{key}.ckpt'
     done = json.loads((ckpt / 'epochs.json').read_text())['epochs'] if (ckpt / 'epochs.json').exists() else 0
     if done > epochs: ckpt = root / f'{key}_e{epochs}.ckpt'   # the shared run went further: train this length on its own
+    deadline = train_deadline(until)   # checked at epoch ends only: every call makes at least one epoch of progress
     keras.utils.set_random_seed(seed)
     model = resnet_v1(depth, ds.num_classes, input_shape=ds.input_shape)
     class Progress(keras.callbacks.Callback):   # how far the resumable run got (BackupAndRestore keeps the weights)
         def on_epoch_end(self, epoch, logs=None):
             atomic_write_bytes(ckpt / 'epochs.json', json.dumps({'epochs': epoch + 1, 'logs': {k: float(v) for k, v in (logs or {}).items()}}).encode())
+    class Deadline(keras.callbacks.Callback):   # after Progress and the checkpoints: the epoch that ends is saved before stopping
+        def on_epoch_end(self, epoch, logs=None):
+            if deadline is not None and time.time() >= deadline: self.model.stop_training = True
     t = time.time()
     hist = train(model, ds, epochs=epochs, batch_size=batch_size, lr=lr, checkpoint_dir=ckpt, seed=seed, verbose=verbose,
-                 callbacks=[Progress()])
+                 callbacks=[Progress(), Deadline()])
     secs = time.time() - t
+    done = json.loads((ckpt / 'epochs.json').read_text())['epochs'] if (ckpt / 'epochs.json').exists() else 0
+    if done < epochs:   # stopped by the deadline: no model file, so nothing mistakes the partial run for the finished one
+        raise TrainingPaused(f'{key}: {done} of {epochs} epochs done when the time was up ({len(hist.epoch)} this call, '
+                             f'{secs:.0f} s); the state is in {ckpt}, and calling again resumes it')
     res = evaluate(model, ds.x_test, ds.y_test)
     best = json.loads((ckpt / 'best.json').read_text()) if (ckpt / 'best.json').exists() else {}
     rec = {'model': key, 'data': tag, 'dataset': ds.name, 'classes': ds.num_classes, 'input_shape': list(ds.input_shape),
