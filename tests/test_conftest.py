@@ -126,7 +126,7 @@ def test_passes(tmp_path):
 def test_fails(tmp_path):
     (tmp_path / 'model.keras').write_bytes(bytes(1000)); print('FAIL=' + str(tmp_path)); assert False
 """)
-    r = pytester.runpytest_subprocess('-q', '-s', '-p', 'no:cacheprovider')
+    r = pytester.runpytest_subprocess('-q', '-s', '-p', 'no:cacheprovider', '-n', '0')   # in one process: workers' prints are not shown
     r.assert_outcomes(passed=1, failed=1)
     where = {m.group(1): Path(m.group(2)) for l in r.outlines if (m := re.search(r'^\.?(PASS|FAIL)=(/\S+)', l))}
     assert not where['PASS'].exists() and (where['FAIL'] / 'model.keras').exists()
