@@ -47,6 +47,14 @@ def test_table4(run):
     for r in t4['replaced']:   # per-row numbers agree with each other
         assert r['delta_top1'] == pytest.approx(r['top1'] - prior['top1']) and r['delta_top5'] == pytest.approx(r['top5'] - prior['top5'])
         assert r['top1'] * 500 == pytest.approx(round(r['top1'] * 500))     # a share of the 500 test images
+    for r in t4['replaced']:   # the calibrated vote beside the paper's: the same test images, the same Prior MA (one parent)
+        assert in01(r['top1_calibrated']) and r['top1_calibrated'] <= r['top5_calibrated']
+        assert r['top1_calibrated'] * 500 == pytest.approx(round(r['top1_calibrated'] * 500))
+        assert r['delta_top1_calibrated'] == pytest.approx(r['top1_calibrated'] - prior['top1'])
+    assert t4['better_or_equal_top1_calibrated'] == sum(r['top1_calibrated'] >= prior['top1'] for r in t4['replaced'])
+    assert t4['mean_delta_top1_calibrated_pp'] == pytest.approx(100 * np.mean([r['delta_top1_calibrated'] for r in t4['replaced']]))
+    assert all(c['direct_top1_calibrated'] == c['swap_top1_calibrated'] and c['direct_top5_calibrated'] == c['swap_top5_calibrated']
+               for c in t4['checks'])
     assert t4['better_or_equal_top1'] == sum(r['top1'] >= prior['top1'] for r in t4['replaced'])
     assert t4['better_or_equal_top5'] == sum(r['top5'] >= prior['top5'] for r in t4['replaced'])
     assert t4['mean_delta_top1_pp'] == pytest.approx(100 * np.mean([r['delta_top1'] for r in t4['replaced']]))
@@ -59,7 +67,8 @@ def test_table4(run):
     md = (tmp / 'out' / 'table4.md').read_text()
     assert 'paper top-1 (CIFAR-10)' in md and f"{paper['Prior MA']:.4f}" in md
     with open(tmp / 'out' / 'table4.csv') as f: rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and float(rows[0]['Prior MA']) == pytest.approx(prior['top1'])
+    assert len(rows) == 6 and float(rows[0]['Prior MA']) == pytest.approx(prior['top1'])   # ours under two votes, top-1 and top-5; the paper's
+    assert float(rows[1]['RM3']) == pytest.approx(t4['replaced'][3]['top1_calibrated']) and 'calibrated vote' in rows[1]['']
 
 @needs_cifar_tiny
 def test_table5(run):
@@ -75,6 +84,8 @@ def test_table5(run):
         for k in ('M1', 'D1', 'M5', 'D5'): assert in01(r[k])
         assert r['M1'] <= r['M5'] and r['D1'] <= r['D5']
         assert r['D1 - M1 (pp)'] == pytest.approx(100 * (r['D1'] - r['M1']))
+        assert in01(r['D1 calibrated']) and r['D1 calibrated'] <= r['D5 calibrated']
+        assert r['D1 calibrated - M1 (pp)'] == pytest.approx(100 * (r['D1 calibrated'] - r['M1']))
         assert r['foreign class t'] in s['foreign_classes'] and r['parent class c'] in s['parent_classes']
         # 9 parent classes of 50 test images and the foreign class's 50 validation images; 50 training images per class
         assert r['test images'] == 500 and r['foreign test images'] == 50

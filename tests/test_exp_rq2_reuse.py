@@ -53,6 +53,11 @@ def test_rq2_reuse(tmp_path):
         assert (no, nc) == (min(50, sc['test_per_class']), sc['test_per_class'])
         assert r['MA_pooled'] == pytest.approx((r['MA_recall_other'] * no + r['MA_recall_class'] * nc) / (no + nc))
         assert r['MMA_minus_MA'] == pytest.approx(r['MMA'] - r['MA']) and r['update_method'] == 'head'
+        for key in ('MA_calibrated', 'MMA_calibrated', 'MA_calibrated_pooled', 'MMA_calibrated_pooled'):   # the calibrated vote beside
+            assert 0 <= r[key] <= 1, (key, r)
+        for key in ('MA_calibrated_pooled', 'MMA_calibrated_pooled'):   # a share of the pair's test images
+            assert r[key] * (no + nc) == pytest.approx(round(r[key] * (no + nc)))
+        assert r['MA_calibrated_minus_TMA'] == pytest.approx(r['MA_calibrated'] - r['TMA'])
 
     # every column swap was checked against composing the actual two-module set
     assert sc['swap_checked_inputs'] > 0 and sc['swap_checked_inputs'] % (len(t2) + len(t3)) == 0
@@ -62,6 +67,8 @@ def test_rq2_reuse(tmp_path):
     assert s['intra_mean_MA_minus_TMA'] == pytest.approx(mean(t2, 'MA_minus_TMA'))
     assert s['inter_mean_MA_minus_TMA'] == pytest.approx(mean(t3, 'MA_minus_TMA'))
     assert s['inter_mean_MMA_minus_MA'] == pytest.approx(mean(t3, 'MMA_minus_MA'))
+    assert s['inter_mean_MA_calibrated'] == pytest.approx(mean(t3, 'MA_calibrated'))
+    assert s['inter_mean_MA_calibrated_minus_TMA'] == pytest.approx(mean(t3, 'MA_calibrated_minus_TMA'))
     assert s['intra_pairs_MA_ge_TMA'] == sum(r['MA'] >= r['TMA'] for r in t2)
     p2, p3 = paper_numbers('table2'), paper_numbers('table3')
     assert s['paper_intra_mean_MA_minus_TMA'] == pytest.approx(sum(v['MA'] - v['TMA'] for v in p2['CIFAR-10'].values()) / 6)
