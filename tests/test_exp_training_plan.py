@@ -30,6 +30,7 @@ def test_plan_pauses_at_the_budget_and_resumes(tmp_path):
     run_experiment('training_plan.ipynb', tmp_path / 'b.ipynb', models_dir=str(models), status_file=str(status))
     s = status_rows(status)
     assert all(r['state'] == 'done' and r['epochs_done'] == r['epochs'] for r in s.values())
+    assert not list(models.glob('*.ckpt'))                            # finished: the resumable state is removed
     rec = json.loads((models / 'digits-16px_resnet8_n20_e3.json').read_text())
     assert (rec['epochs'], rec['epochs_this_call'], rec['train_images']) == (3, 2, 200)   # resumed: only epochs 2 and 3 this call
     # the pair piece is a model of classes 0 and 1 only, under the key rq2_reuse's TMA models use; its record's score is
