@@ -16,7 +16,7 @@ __all__ = ['TINY_EXTRA', 'EXPERIMENT_DATASETS', 'SUMMARY_MARK', 'default_data_di
            'at_most_per_class', 'model_key', 'TrainingPaused', 'train_deadline', 'cached_model', 'inference_copy',
            'paper_numbers', 'markdown_table', 'write_table', 'repo_root', 'code_version', 'write_metrics',
            'repo_relative', 'relative_parameters', 'relative_notebook', 'report_summary', 'fill_summary',
-           'update_reports_readme', 'paper_co2e', 'Measured', 'measure']
+           'update_reports_readme', 'bootstrap_ci', 'paper_co2e', 'Measured', 'measure']
 
 # %% ../nbs/14_experiments.ipynb #852c6222
 TINY_EXTRA = {'gorilla': 'n02480855', 'person': 'n10148035'}   # the two classes the motivating example adds (groom stands for person)
@@ -340,6 +340,25 @@ def update_reports_readme(reports_dir) -> bool:
     new = fill_summary(old, report_summary(reports_dir))
     if new != old: atomic_write_bytes(f, new.encode())
     return new != old
+
+# %% ../nbs/14_experiments.ipynb #87308266
+def bootstrap_ci(a,                   # per-image scores of the first system (e.g. 1 where its prediction is right)
+                 b=None,              # the second system's on the same images (None: the interval of mean(a) itself)
+                 strata=None,         # per-image stratum (e.g. the label): resample within each, average the strata's means
+                 n_boot:int=1000, seed:int=0, level:float=0.95) -> list:
+    "[lo, hi]: the paired percentile bootstrap interval, over the images, of mean(a) - mean(b) (balanced by `strata` when given)."
+    d = np.asarray(a, 'float64') - (0.0 if b is None else np.asarray(b, 'float64'))
+    if d.ndim != 1 or not len(d): raise ValueError(f'bootstrap_ci needs two equal-length 1-D score arrays; got shape {d.shape}')
+    if not 0 < level < 1: raise ValueError(f'level must be in (0, 1); got {level}')
+    rng = np.random.default_rng(seed)
+    if strata is None: stats = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    else:
+        s = np.asarray(strata)
+        if s.shape != d.shape: raise ValueError(f'strata has shape {s.shape}, the scores {d.shape}')
+        groups = [np.flatnonzero(s == v) for v in np.unique(s)]
+        stats = sum(d[g][rng.integers(0, len(g), (n_boot, len(g)))].mean(1) for g in groups) / len(groups)
+    lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
 
 # %% ../nbs/14_experiments.ipynb #e3c5fc79
 def paper_co2e(seconds:float,           # wall time of the work

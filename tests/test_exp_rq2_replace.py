@@ -51,8 +51,14 @@ def test_table4(run):
         assert in01(r['top1_calibrated']) and r['top1_calibrated'] <= r['top5_calibrated']
         assert r['top1_calibrated'] * 500 == pytest.approx(round(r['top1_calibrated'] * 500))
         assert r['delta_top1_calibrated'] == pytest.approx(r['top1_calibrated'] - prior['top1'])
+        for key in ('delta_top1', 'delta_top1_calibrated'):    # a 95% interval over the test images around each change
+            lo, hi = r[f'{key}_ci_pp']
+            assert lo <= hi and lo - 1e-9 <= 100 * r[key] <= hi + 1e-9, (key, r)
     assert t4['better_or_equal_top1_calibrated'] == sum(r['top1_calibrated'] >= prior['top1'] for r in t4['replaced'])
     assert t4['mean_delta_top1_calibrated_pp'] == pytest.approx(100 * np.mean([r['delta_top1_calibrated'] for r in t4['replaced']]))
+    for key in ('mean_delta_top1', 'mean_delta_top1_calibrated'):
+        lo, hi = t4[f'{key}_ci_pp']
+        assert lo - 1e-9 <= t4[f'{key}_pp'] <= hi + 1e-9
     assert all(c['direct_top1_calibrated'] == c['swap_top1_calibrated'] and c['direct_top5_calibrated'] == c['swap_top5_calibrated']
                for c in t4['checks'])
     assert t4['better_or_equal_top1'] == sum(r['top1'] >= prior['top1'] for r in t4['replaced'])
@@ -86,6 +92,9 @@ def test_table5(run):
         assert r['D1 - M1 (pp)'] == pytest.approx(100 * (r['D1'] - r['M1']))
         assert in01(r['D1 calibrated']) and r['D1 calibrated'] <= r['D5 calibrated']
         assert r['D1 calibrated - M1 (pp)'] == pytest.approx(100 * (r['D1 calibrated'] - r['M1']))
+        for key in ('D1 - M1', 'D1 calibrated - M1'):
+            lo, hi = r[f'{key} CI (pp)']
+            assert lo - 1e-9 <= r[f'{key} (pp)'] <= hi + 1e-9, (key, r)
         assert r['foreign class t'] in s['foreign_classes'] and r['parent class c'] in s['parent_classes']
         # 9 parent classes of 50 test images and the foreign class's 50 validation images; 50 training images per class
         assert r['test images'] == 500 and r['foreign test images'] == 50
