@@ -58,6 +58,9 @@ def test_rq2_reuse(tmp_path):
         for key in ('MA_calibrated_pooled', 'MMA_calibrated_pooled'):   # a share of the pair's test images
             assert r[key] * (no + nc) == pytest.approx(round(r[key] * (no + nc)))
         assert r['MA_calibrated_minus_TMA'] == pytest.approx(r['MA_calibrated'] - r['TMA'])
+        for key in ('MA_minus_TMA', 'MMA_minus_MA', 'MA_calibrated_minus_TMA'):   # 95% intervals around each difference
+            lo, hi = r[f'{key}_ci']
+            assert lo - 1e-4 <= r[key] <= hi + 1e-4, (key, r)
 
     # every column swap was checked against composing the actual two-module set
     assert sc['swap_checked_inputs'] > 0 and sc['swap_checked_inputs'] % (len(t2) + len(t3)) == 0
@@ -70,6 +73,8 @@ def test_rq2_reuse(tmp_path):
     assert s['inter_mean_MA_calibrated'] == pytest.approx(mean(t3, 'MA_calibrated'))
     assert s['inter_mean_MA_calibrated_minus_TMA'] == pytest.approx(mean(t3, 'MA_calibrated_minus_TMA'))
     assert s['intra_pairs_MA_ge_TMA'] == sum(r['MA'] >= r['TMA'] for r in t2)
+    assert s['intra_pairs_MA_above_TMA_ci'] == sum(r['MA_minus_TMA_ci'][0] > 0 for r in t2)
+    for r in t2: assert r['MA_minus_TMA_ci'][0] - 1e-4 <= r['MA_minus_TMA'] <= r['MA_minus_TMA_ci'][1] + 1e-4
     p2, p3 = paper_numbers('table2'), paper_numbers('table3')
     assert s['paper_intra_mean_MA_minus_TMA'] == pytest.approx(sum(v['MA'] - v['TMA'] for v in p2['CIFAR-10'].values()) / 6)
     cells = [v for row in p3['pairs'].values() for v in row.values()]
