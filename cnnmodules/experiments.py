@@ -347,8 +347,10 @@ def bootstrap_ci(a,                   # per-image scores of the first system (e.
                  strata=None,         # per-image stratum (e.g. the label): resample within each, average the strata's means
                  n_boot:int=1000, seed:int=0, level:float=0.95) -> list:
     "[lo, hi]: the paired percentile bootstrap interval, over the images, of mean(a) - mean(b) (balanced by `strata` when given)."
-    d = np.asarray(a, 'float64') - (0.0 if b is None else np.asarray(b, 'float64'))
-    if d.ndim != 1 or not len(d): raise ValueError(f'bootstrap_ci needs two equal-length 1-D score arrays; got shape {d.shape}')
+    a = np.asarray(a, 'float64')
+    if b is not None and np.shape(b) != a.shape: raise ValueError(f'the two score arrays differ in shape: {a.shape} and {np.shape(b)}')
+    d = a - (0.0 if b is None else np.asarray(b, 'float64'))
+    if d.ndim != 1 or not len(d): raise ValueError(f'bootstrap_ci needs 1-D score arrays with at least one image; got shape {d.shape}')
     if not 0 < level < 1: raise ValueError(f'level must be in (0, 1); got {level}')
     rng = np.random.default_rng(seed)
     if strata is None: stats = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)

@@ -8,7 +8,6 @@ from conftest import cli_main, write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared' / 'data'   # the offline copies, when this is a checkout beside them (nothing here needs them)
-MAIN = 'import sys; from cnnmodules.cli import main; sys.exit(main())'
 
 def run(args, cwd):
     "`cnnmodules ARGS` in `cwd` with a private cache, in this process: the CompletedProcess."
