@@ -16,8 +16,8 @@ if TYPE_CHECKING: from cnnmodules.modules import ModuleSet   # annotations only:
 
 # %% auto #0
 __all__ = ['MODES', 'DIRTY_SWITCH', 'VOTES', 'vote', 'vote_margin', 'module_logits', 'module_scores', 'head_digest',
-           'calibration_of', 'calibration_record', 'calibrated_margins', 'compose_vote', 'fit_calibration', 'calibrate',
-           'evaluate_modules']
+           'calibration_of', 'vote_offset', 'calibration_record', 'calibrated_margins', 'vote_scores', 'compose_vote',
+           'fit_calibration', 'calibrate', 'evaluate_modules']
 
 # %% ../nbs/08_compose.ipynb #f51d2a50
 def vote(pc:np.ndarray, # (n, M) p_concerned
@@ -180,31 +180,44 @@ def calibration_of(m) -> tuple:
     if not c or c.get('head') != head_digest(m): return 1.0, 0.0
     return float(c['a']), float(c['b'])
 
-def calibration_record(m, a:float, b:float, **info) -> dict:
-    "The `calibration` a module carries: its map and the digest of the head it was fitted for (plus how it was fitted)."
-    return {'a': float(a), 'b': float(b), 'head': head_digest(m), **info}
+def vote_offset(m) -> float:
+    "logit(π) of the base rate π module `m`'s map was fitted at: the vote subtracts it (0 without a map, a stale map or a recorded base rate)."
+    c = getattr(m, 'calibration', None)
+    if not c or c.get('head') != head_digest(m) or c.get('base_rate') is None: return 0.0
+    p = float(c['base_rate'])
+    return float(np.log(p) - np.log1p(-p))
+
+def calibration_record(m, a:float, b:float, base_rate:float|None=None, **info) -> dict:
+    "The `calibration` a module carries: its map, the share of positive pairs it was fitted on, and the digest of the head it was fitted for (plus how it was fitted)."
+    if base_rate is not None and not 0 < base_rate < 1: raise DecompositionError(f'a base rate is a share strictly between 0 and 1; got {base_rate!r}')
+    return {'a': float(a), 'b': float(b), 'base_rate': None if base_rate is None else float(base_rate), 'head': head_digest(m), **info}
 
 def _check_vote(vote):
     if vote not in VOTES: raise DecompositionError(f"vote must be one of {VOTES}; got {vote!r}")
 
 def calibrated_margins(ms:ModuleSet, margin:np.ndarray, vote:str='calibrated') -> np.ndarray:
-    "(n, M) what the vote compares: a_i·margin_i + b_i per module ('calibrated'), or the raw margins ('paper')."
+    "(n, M) the calibrated logits a_i·margin_i + b_i per module, p_concerned = σ(·) under each module's own parent ('calibrated'), or the raw margins ('paper')."
     _check_vote(vote)
     margin = np.asarray(margin, 'float64')
     if vote == 'paper': return margin
     ab = np.array([calibration_of(m) for m in ms.modules]).reshape(-1, 2)
     return margin * ab[:, 0] + ab[:, 1]
 
+def vote_scores(ms:ModuleSet, margin:np.ndarray, vote:str='calibrated') -> np.ndarray:
+    "(n, M) what the vote compares: each module's evidence a_i·margin_i + b_i − logit(π_i), free of its parent's base rate ('calibrated'), or the raw margins ('paper')."
+    s = calibrated_margins(ms, margin, vote)
+    return s if vote == 'paper' else s - np.array([vote_offset(m) for m in ms.modules])
+
 def compose_vote(ms:ModuleSet, margin:np.ndarray, vote:str='calibrated') -> np.ndarray:
-    "(n,) the position the vote picks from raw margins (n, M): on calibrated margins, or on the raw ones when every module has the same map (same order, no rounding ties)."
+    "(n,) the position the vote picks from raw margins (n, M): on `vote_scores`, or on the raw margins when every module has the same map and base rate (same order, no rounding ties)."
     _check_vote(vote)
-    ab = np.array([calibration_of(m) for m in ms.modules]).reshape(-1, 2)
-    same = (ab == ab[:1]).all() and ab[0, 0] > 0
-    return vote_margin(np.asarray(margin, 'float64') if vote == 'paper' or same else calibrated_margins(ms, margin, vote))
+    abo = np.array([calibration_of(m) + (vote_offset(m),) for m in ms.modules]).reshape(-1, 3)
+    same = (abo == abo[:1]).all() and abo[0, 0] > 0
+    return vote_margin(np.asarray(margin, 'float64') if vote == 'paper' or same else vote_scores(ms, margin, vote))
 
 def fit_calibration(margin,              # margins of (input, module) pairs, any shape
                     target,              # same shape: True where the input is of the module's class
-                    ridge:float=1e-3,    # L2 weight on the standardized scale (per pair): keeps separable data finite
+                    ridge:float=1e-3,    # L2 weight on the standardized scale, per pair of the rarer kind (positive or negative): keeps separable data finite
                    ) -> tuple:
     "(a, b) of p = σ(a·margin + b) by maximum likelihood (Newton), the intercept unpenalized; a `DecompositionError` unless a > 0."
     def expit(z): return 0.5 * (1 + np.tanh(z / 2))   # σ without overflow
@@ -215,7 +228,7 @@ def fit_calibration(margin,              # margins of (input, module) pairs, any
     mu, sd = m.mean(), m.std()
     if not sd > 1e-12 * max(1.0, abs(mu)): raise DecompositionError('the margins do not separate the classes: they are all equal (fitted scale 0)')
     X = np.stack([(m - mu) / sd, np.ones_like(m)], 1)
-    n, r = len(m), ridge * len(m)
+    n = len(m); r = ridge * min(t.sum(), n - t.sum())   # per rarer pair: a weight per pair would shrink the scale of a many-class parent's map
     def loss(th): z = X @ th; return np.logaddexp(0, z).sum() - t @ z + r * th[0] ** 2 / 2
     th = np.array([0.0, np.log(t.mean() / (1 - t.mean()))]); f = loss(th)
     for _ in range(100):
@@ -259,10 +272,11 @@ def calibrate(ms:ModuleSet, x, y,           # labelled inputs; labels `y` = posi
     for g in _calibration_groups(ms, per):
         names = [str(ms.modules[i].class_name) for i in g]
         if not np.isin(y, g).any(): raise DecompositionError(f'calibrating {names} needs inputs of their classes in y; got none')
-        try: a, b = fit_calibration(margin[:, g], y[:, None] == np.asarray(g)[None])
+        tg = y[:, None] == np.asarray(g)[None]
+        try: a, b = fit_calibration(margin[:, g], tg)
         except DecompositionError as e: raise DecompositionError(f'calibrating {names}: {e}') from None
         for i in g:
-            mods[i] = dataclasses.replace(mods[i], calibration=calibration_record(mods[i], a, b, per=per, inputs=int(len(y)), source=source))
+            mods[i] = dataclasses.replace(mods[i], calibration=calibration_record(mods[i], a, b, base_rate=tg.mean(), per=per, inputs=int(len(y)), source=source))
     out = type(ms)(mods, ms.name)
     out.removed, out.timings = ms.removed, ms.timings
     return out
@@ -270,7 +284,7 @@ def calibrate(ms:ModuleSet, x, y,           # labelled inputs; labels `y` = posi
 # %% ../nbs/08_compose.ipynb #9920f432
 def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False, k:int=10,
                      vote:str='calibrated') -> dict:
-    "Top-1 (voting) and top-5 (by p_concerned) accuracy of the composed modules on (x, y); labels are positions in `ms`; `vote` 'calibrated' (default) or 'paper' (raw margins)."
+    "Top-1 (voting) and top-5 (by the vote's scores) accuracy of the composed modules on (x, y); labels are positions in `ms`; `vote` 'calibrated' (default) or 'paper' (raw margins)."
     x, y = check_data(x, y, ms.input_shape, len(ms), expects='the modules expect', labels='(positions in the module set)',
                       purpose='evaluate needs test inputs')   # the checks `decompose` makes (02_graph)
     check_finite(x)
@@ -279,9 +293,9 @@ def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, j
     stats = {}
     z = module_logits(ms, x, mode, batch_size, progress=progress, k=k, stats=stats)
     raw = z[..., 0] - z[..., 1]
-    margin, pred = calibrated_margins(ms, raw, vote), compose_vote(ms, raw, vote)
-    nv = (margin > 0).sum(1)
-    out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(margin, y, 5), 'mode': mode, 'vote': vote, 'n': int(len(y)),
+    pred = compose_vote(ms, raw, vote)
+    nv = (calibrated_margins(ms, raw, vote) > 0).sum(1)   # modules voting yes: p_concerned > 1/2
+    out = {'top1': float((pred == y).mean()), 'top5': topk_accuracy(vote_scores(ms, raw, vote), y, 5), 'mode': mode, 'vote': vote, 'n': int(len(y)),
            'masked_pairs': stats['dirty'] / max(1, stats['pairs']) if mode in ('exact', 'candidates') else float(mode == 'full'),
            'voters': {'none': float((nv == 0).mean()), 'one': float((nv == 1).mean()), 'several': float((nv > 1).mean())}}
     if jaccard: out['jaccard'] = jaccard_index(ms)

@@ -189,12 +189,13 @@ def calibrate_parent(ms:ModuleSet, x, y, used, how:str='held_out', n:int=1000, s
     cls = [int(m.class_index) for m in ms]
     idx, source = calibration_inputs(y, used, cls, how, n, seed)
     z = module_logits(ms, np.asarray(x)[idx], batch_size=batch_size)
-    try: a, b = fit_calibration(z[..., 0] - z[..., 1], np.asarray(y).reshape(-1)[idx][:, None] == np.asarray(cls)[None])
+    t = np.asarray(y).reshape(-1)[idx][:, None] == np.asarray(cls)[None]
+    try: a, b = fit_calibration(z[..., 0] - z[..., 1], t)
     except DecompositionError as e:
         warnings.warn(f'{ms.name}: no vote calibration ({e}); its modules keep the identity map', stacklevel=3)
         return ms
     info = dict(per='parent', source=source, inputs=int(len(idx)), seconds=time.perf_counter() - t0)
-    out = ModuleSet([dataclasses.replace(m, calibration=calibration_record(m, a, b, **info)) for m in ms], ms.name)
+    out = ModuleSet([dataclasses.replace(m, calibration=calibration_record(m, a, b, base_rate=t.mean(), **info)) for m in ms], ms.name)
     return out
 
 # %% ../nbs/09_decompose.ipynb #689f4a6c

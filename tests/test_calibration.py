@@ -4,6 +4,8 @@
    b), in every mode; its p_concerned is σ(a·margin + b) of the parent's own margins (plain Keras, not the engine).
 2. A fitted map is increasing and has an intercept: a > 0, the intercept's score equation holds (mean fitted
    probability = share of positives, which a map through 0 cannot meet), and shifting every margin by c moves b by −a·c.
+   Across parents of different class counts the vote compares evidence, not priors: for margins drawn from two
+   normals the vote's score is their log-likelihood ratio whatever the parent's base rate 1/K.
 3. `calibrate` fits any grouping, a lone foreign module included; it refuses margins that anti-separate.
 4. The map travels: `.cnnm` save/load, the standalone `.keras` (masked and slim), and a head changed afterwards reads
    as uncalibrated; files written without maps load with identity maps and a warning.
@@ -27,7 +29,7 @@ from cnnmodules.graph import graph_of, DecompositionError
 from cnnmodules.modularize import channel_head
 from cnnmodules.modules import Module, ModuleSet
 from cnnmodules.compose import (MODES, calibrate, calibration_of, calibration_record, compose_vote, fit_calibration,
-                                module_logits)
+                                module_logits, vote_scores, vote_offset, calibrated_margins)
 from cnnmodules.decompose import decompose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,15 +43,15 @@ def parent_logits(model, x):
     return np.asarray(sub(x)) @ W + b
 
 
-def full_modules(model, a=None, b=None):
-    "One module per class keeping every node, optionally all carrying the map (a, b)."
+def full_modules(model, a=None, b=None, base_rate=None):
+    "One module per class keeping every node, optionally all carrying the map (a, b) fitted at `base_rate`."
     g = graph_of(model)
     W, bias = model.layers[-1].get_weights()
     hk, hb = channel_head(W, bias, range(g.num_classes))
     mods = [Module(c, str(c), [np.ones(s, bool) for s in g.node_shapes], hk[c], hb[c], np.ones(W.shape[0], bool), model)
             for c in range(g.num_classes)]
     if a is not None:
-        for m in mods: m.calibration = calibration_record(m, a, b)
+        for m in mods: m.calibration = calibration_record(m, a, b, base_rate=base_rate)
     return mods
 
 
@@ -136,6 +138,31 @@ def test_map_through_zero_cannot_meet_the_score_equation():
     assert 1.6 < a < 2.4 and -3.5 < b < -2.5
 
 
+@props(12)
+@given(st.floats(0.7, 3.0), st.integers(2, 250), st.integers(2, 250), st.integers(0, 2**31))
+def test_the_vote_compares_evidence_not_the_parents_base_rate(two_parents, mu, ka, kb, seed):
+    """Two parents whose modules' margins follow the same laws — N(μ, 1) on inputs of the module's class, N(0, 1) on
+    the others — but that have K_a and K_b classes, so their maps are fitted at base rates 1/K_a and 1/K_b. The vote's
+    score must be the same evidence for both: the log-likelihood ratio μ·m − μ²/2 of the two normals (a fact of the
+    laws, not of the fit), so equal margins tie; the maps themselves (p_concerned) keep their parents' priors."""
+    rng = np.random.default_rng(seed)
+    mods = full_modules(two_parents[0])[:2]
+    for mod, K in zip(mods, (ka, kb)):
+        npos = 4000
+        m = np.concatenate([rng.normal(mu, 1, npos), rng.normal(0, 1, npos * (K - 1))])
+        t = np.arange(m.size) < npos
+        a, b = fit_calibration(m, t)
+        mod.calibration = calibration_record(mod, a, b, base_rate=t.mean())
+        np.testing.assert_allclose(vote_offset(mod), -np.log(K - 1), rtol=1e-9)       # logit(1/K)
+    ms = ModuleSet(mods)
+    grid = np.linspace(0, mu, 7)
+    s = vote_scores(ms, np.stack([grid, grid], 1))
+    np.testing.assert_allclose(s, np.stack([mu * grid - mu * mu / 2] * 2, 1), atol=0.25)
+    # p_concerned stays under each parent's prior (Bayes): its logit is the log-likelihood ratio + logit(1/K)
+    prior = -np.log(np.array([ka, kb]) - 1.0)
+    np.testing.assert_allclose(calibrated_margins(ms, np.stack([grid, grid], 1)), (mu * grid - mu * mu / 2)[:, None] + prior, atol=0.25)
+
+
 def test_fit_calibration_refusals():
     with pytest.raises(DecompositionError, match='do not separate'): fit_calibration(np.ones(10), np.arange(10) < 3)
     with pytest.raises(DecompositionError, match='other classes'): fit_calibration(np.arange(10.), np.ones(10, bool))
@@ -195,6 +222,13 @@ def test_modes_use_the_same_calibrated_rule(two_parents):
     assert res['exact']['top1'] == float((cal.argmax(1) == y).mean())
     assert ms.evaluate(x, y, vote='paper', jaccard=False)['top1'] == float((raw.argmax(1) == y).mean())
     with pytest.raises(DecompositionError, match='vote must be'): ms.evaluate(x, y, vote='raw')
+    # maps fitted at different base rates (parents of 4 and of 200 classes): every mode votes on a·m + b − logit(π)
+    ms = ModuleSet(full_modules(m1, 0.3, 1.0, 1 / 4)[:2] + full_modules(m2, 4.0, -2.0, 1 / 200)[2:])
+    res = {mode: ms.evaluate(x, y, mode=mode, jaccard=False, k=2) for mode in MODES}
+    ev = cal - np.log(np.array([1 / 3, 1 / 3, 1 / 199, 1 / 199]))
+    assert len({r['top1'] for r in res.values()}) == 1 and len({r['top5'] for r in res.values()}) == 1
+    assert res['exact']['top1'] == float((ev.argmax(1) == y).mean())
+    assert (ev.argmax(1) != cal.argmax(1)).any()                  # the base rates do change this vote
 
 
 # ---------------------------------------------------------------- 4. the map travels
