@@ -58,9 +58,18 @@ def test_rq2_reuse(tmp_path):
         for key in ('MA_calibrated_pooled', 'MMA_calibrated_pooled'):   # a share of the pair's test images
             assert r[key] * (no + nc) == pytest.approx(round(r[key] * (no + nc)))
         assert r['MA_calibrated_minus_TMA'] == pytest.approx(r['MA_calibrated'] - r['TMA'])
-        for key in ('MA_minus_TMA', 'MMA_minus_MA', 'MA_calibrated_minus_TMA'):   # 95% intervals around each difference
+        for key in ('MA_minus_TMA', 'MMA_minus_MA', 'MA_calibrated_minus_TMA', 'MMA_tangling_minus_MA'):   # 95% intervals around each difference
             lo, hi = r[f'{key}_ci']
             assert lo - 1e-4 <= r[key] <= hi + 1e-4, (key, r)
+        # the paper's own update (§3.5) beside the head re-fit, in balanced and plain accuracy
+        for key in ('MMA_tangling', 'MMA_tangling_pooled', 'MMA_tangling_calibrated'): assert 0 <= r[key] <= 1, (key, r)
+        assert r['MMA_tangling_minus_MA'] == pytest.approx(r['MMA_tangling'] - r['MA'])
+        assert r['MMA_tangling_pooled'] * (no + nc) == pytest.approx(round(r['MMA_tangling_pooled'] * (no + nc)))
+        assert 0 <= r['MMA_tangling_changed_predictions'] <= no + nc
+        if r['MMA_tangling_changed_predictions'] == 0: assert r['MMA_tangling'] == r['MA']
+        for key, point in (('MMA_minus_MA_pooled', r['MMA_pooled'] - r['MA_pooled']), ('MMA_tangling_minus_MA_pooled', r['MMA_tangling_pooled'] - r['MA_pooled'])):
+            lo, hi = r[f'{key}_ci']
+            assert lo - 1e-4 <= point <= hi + 1e-4, (key, r)
 
     # every column swap was checked against composing the actual two-module set
     assert sc['swap_checked_inputs'] > 0 and sc['swap_checked_inputs'] % (len(t2) + len(t3)) == 0
@@ -72,6 +81,8 @@ def test_rq2_reuse(tmp_path):
     assert s['inter_mean_MMA_minus_MA'] == pytest.approx(mean(t3, 'MMA_minus_MA'))
     assert s['inter_mean_MA_calibrated'] == pytest.approx(mean(t3, 'MA_calibrated'))
     assert s['inter_mean_MA_calibrated_minus_TMA'] == pytest.approx(mean(t3, 'MA_calibrated_minus_TMA'))
+    assert s['inter_mean_MMA_tangling_minus_MA'] == pytest.approx(mean(t3, 'MMA_tangling_minus_MA'))
+    assert s['inter_changed_predictions_tangling'] == sum(r['MMA_tangling_changed_predictions'] for r in t3)
     assert s['intra_pairs_MA_ge_TMA'] == sum(r['MA'] >= r['TMA'] for r in t2)
     assert s['intra_pairs_MA_above_TMA_ci'] == sum(r['MA_minus_TMA_ci'][0] > 0 for r in t2)
     for r in t2: assert r['MA_minus_TMA_ci'][0] - 1e-4 <= r['MA_minus_TMA'] <= r['MA_minus_TMA_ci'][1] + 1e-4
