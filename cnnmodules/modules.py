@@ -120,7 +120,7 @@ class Module:
     head_keep: np.ndarray       # (d,) bool: head inputs kept by MC-BLN
     parent: keras.Model
     provenance: dict = field(default_factory=dict)
-    calibration: dict|None = None  # {'a', 'b', 'head': digest of the head fitted for, ...}: p_concerned = σ(a·margin + b); None = identity
+    calibration: dict|None = None  # {'a', 'b', 'base_rate', 'head': digest of the head fitted for, ...}: p_concerned = σ(a·margin + b), the vote on a·margin + b − logit(base_rate); None = identity
 
     @property
     def graph(self) -> LayerGraph: return graph_of(self.parent, self.linear_nodes, self.provenance.get('approx_nodes'))
