@@ -99,6 +99,11 @@ def test_table5(run):
         # 9 parent classes of 50 test images and the foreign class's 50 validation images; 50 training images per class
         assert r['test images'] == 500 and r['foreign test images'] == 50
         assert r['retrain images'] == 500 and r['retrain foreign images'] == 50
+        # the foreign module's wins: a recall over its 50 images, false alarms among the 450 parent images; D1 counts both
+        for v in ('D1', 'D1 calibrated'):
+            rec, fa = r[f'{v} foreign recall'], r[f'{v} foreign false alarms']
+            assert 0 <= rec <= 1 and rec * 50 == pytest.approx(round(rec * 50)) and 0 <= fa <= 450
+            assert r[v] <= (rec * 50 + 450 - fa) / 500 + 1e-12   # parent images taken by the foreign module are wrong
     assert t5['swap_equals_direct'] is True and t5['checks'][0]['images'] == 50
     assert t5['average']['D1'] == pytest.approx(np.mean([r['D1'] for r in t5['rows']]))
     assert s['other']['image_size'] == 32 and s['other']['tangling_per_class'] == 0   # 200 classes, E = 20: TI adds nothing
