@@ -290,6 +290,61 @@ def _span(vals, fmt:str) -> str:
     lo, hi = format(min(vals), fmt), format(max(vals), fmt)
     return lo if lo == hi else f'{lo}–{hi}'
 
+def _key(name) -> str: return re.sub(r'[^\w]+', '_', str(name)).strip('_')
+
+def _fig(key:str, v):
+    "A figure as the README prints it: a difference (its key says 'minus', 'delta' or 'pp') in pp with its sign, an accuracy to 3 places, a count as is."
+    if isinstance(v, bool) or isinstance(v, int): return str(v)
+    pp = any(w in key.lower() for w in ('minus', 'delta', 'pp', ' - '))
+    if not pp: return f'{v:.3f}'
+    return f"{v if 'pp' in key.lower() else 100 * v:+.1f} pp"
+
+def _ci_fig(key:str, ci) -> str:
+    k = 1 if 'pp' in key.lower() else 100
+    return f'[{k * ci[0]:+.1f}, {k * ci[1]:+.1f}]'
+
+def _rows_summary(prefix:str, rows:list) -> dict:
+    "Means of the rows' numeric fields and, for each interval field, how many lie above / below 0 and their list."
+    out = {f'{prefix}.n': str(len(rows))}
+    if not rows: return out
+    for k, v in rows[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(isinstance(r.get(k), (int, float)) for r in rows):
+            vals = [r[k] for r in rows]
+            counts = all(isinstance(x, int) and not isinstance(x, bool) for x in vals)   # counts: their mean to one place
+            out[f'{prefix}.mean.{_key(k)}'] = f'{np.mean(vals):.1f}' if counts else _fig(k, float(np.mean(vals)))
+        elif isinstance(v, list) and len(v) == 2 and 'ci' in k.lower().split('_') + k.lower().split():
+            cis = [r[k] for r in rows]
+            out[f'{prefix}.{_key(k)}.above'] = f"{sum(c[0] > 0 for c in cis)} of {len(cis)}"
+            out[f'{prefix}.{_key(k)}.below'] = f"{sum(c[1] < 0 for c in cis)} of {len(cis)}"
+            out[f'{prefix}.{_key(k)}.list'] = ', '.join(_ci_fig(k, c) for c in cis)
+    return out
+
+def _rq2_summary(d:Path) -> dict:
+    "Figures of Tables 2–5 from `rq2_reuse/metrics.json` and `rq2_replace/metrics.json`."
+    out = {}
+    f = d / 'rq2_reuse' / 'metrics.json'
+    if f.exists():
+        m = json.loads(f.read_text())
+        out.update(_rows_summary('rq2_reuse.t2', m['table2'])); out.update(_rows_summary('rq2_reuse.t3', m['table3']))
+        t2 = m['table2']
+        out['rq2_reuse.t2.pairs'] = ', '.join(f"{r['pair'].replace('-', '–')} {r['TMA']:.3f} → {r['MA']:.3f} {_ci_fig('', r['MA_minus_TMA_ci'])}" for r in t2)
+        out['rq2_reuse.t2.ge'] = f"{sum(r['MA'] >= r['TMA'] for r in t2)}/{len(t2)}"
+        for k, v in m['scale'].items():
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool): out[f'rq2_reuse.scale.{_key(k)}'] = f'{v:.4f}' if isinstance(v, float) else str(v)
+    f = d / 'rq2_replace' / 'metrics.json'
+    if f.exists():
+        m = json.loads(f.read_text())
+        for k, v in m['table4'].items():
+            if isinstance(v, dict) and 'top1' in v: out[f'rq2_replace.t4.{k}.top1'] = f"{v['top1']:.3f}"
+            elif isinstance(v, list) and len(v) == 2 and k.endswith('_ci_pp'): out[f'rq2_replace.t4.{k}'] = _ci_fig(k, v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool): out[f'rq2_replace.t4.{k}'] = _fig(k, v)
+        out.update(_rows_summary('rq2_replace.t4.rows', m['table4']['replaced']))
+        out.update(_rows_summary('rq2_replace.t5', m['table5']['rows']))
+        for k in ('weak', 'strong', 'other', 'retrain'):
+            for kk, v in (m['scale'].get(k) or {}).items():
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool): out[f'rq2_replace.scale.{k}.{_key(kk)}'] = f'{v:.3f}' if isinstance(v, float) else str(v)
+    return out
+
 def report_summary(reports_dir) -> dict:
     "The summary figures `reports/README.md` quotes, computed from the CSV and JSON files in `reports_dir`: marker key → text."
     d, out = Path(reports_dir), {}
@@ -322,6 +377,7 @@ def report_summary(reports_dir) -> dict:
         if m.get('seconds_this_call') and m.get('epochs_this_call'):
             out[f'models.{f.stem}.call'] = f"{m['seconds_this_call']:.0f} s for {m['epochs_this_call']} epoch{'s' * (m['epochs_this_call'] > 1)}"
             out[f'models.{f.stem}.epoch_min'] = f"{m['seconds_this_call'] / m['epochs_this_call'] / 60:.1f}"
+    out.update(_rq2_summary(d))
     return out
 
 SUMMARY_MARK = re.compile(r'<!-- summary:(?P<key>[\w.+-]+) -->(?P<val>.*?)<!-- /summary -->')
