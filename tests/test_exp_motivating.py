@@ -31,7 +31,7 @@ def test_files_and_keys(result):
     assert m['paper']['table6']['MA']['top1'] == paper['rows']['MA'][0]
 
 def test_scale_and_models(result):
-    _, m = result
+    out, m = result
     s = m['scale']
     assert s['dataset'] == 'tiny-imagenet-202' and s['image_size'][:2] == [32, 32]
     assert s['test_images'] == 202 * s['test_per_class']
@@ -44,6 +44,15 @@ def test_scale_and_models(result):
     assert pair['train_images'] == s['pair_train_images'] and pair['test_images'] == 100
     assert m['longer_model']['gain_pp_full_test'] == pytest.approx(100 * (longer['test_top1'] - init['test_top1']))
     assert m['longer_model']['paper_gain_pp'] > 0
+    # intervals: paired over the scored test images, around their point estimate
+    lo, hi = m['longer_model']['gain_pp_scored_test_ci']
+    assert lo <= 100 * (m['longer_model']['top1_longer_scored_test'] - m['rows']['Initial Model']['top1']) + 1e-9 <= hi + 2e-9
+    with open(out / 'table6.csv') as fh: table = {r['strategy']: r for r in csv.DictReader(fh)}
+    assert table['MA']['d_top1_vs_MA_ci_pp'] == ''
+    for name, r in table.items():
+        if name == 'MA': continue
+        lo, hi = json.loads(r['d_top1_vs_MA_ci_pp'])
+        assert lo - 1e-9 <= float(r['d_top1_vs_MA_pp']) <= hi + 1e-9, name
     assert m['decomposition']['tangling_per_class'] == s['E'] // 201
     assert m['decomposition']['tangling_per_class_pair'] == s['E_pair']
 
