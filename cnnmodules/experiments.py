@@ -329,6 +329,7 @@ def _rq2_summary(d:Path) -> dict:
         t2 = m['table2']
         out['rq2_reuse.t2.pairs'] = ', '.join(f"{r['pair'].replace('-', '–')} {r['TMA']:.3f} → {r['MA']:.3f} {_ci_fig('', r['MA_minus_TMA_ci'])}" for r in t2)
         out['rq2_reuse.t2.ge'] = f"{sum(r['MA'] >= r['TMA'] for r in t2)}/{len(t2)}"
+        out.update({f'rq2_reuse.summary.{_key(k)}': str(v) for k, v in m['summary'].items() if isinstance(v, int) and not isinstance(v, bool)})   # counts
         for k, v in m['scale'].items():
             if isinstance(v, (int, float, str)) and not isinstance(v, bool): out[f'rq2_reuse.scale.{_key(k)}'] = f'{v:.4f}' if isinstance(v, float) else str(v)
     f = d / 'rq2_replace' / 'metrics.json'
@@ -343,6 +344,21 @@ def _rq2_summary(d:Path) -> dict:
         for k in ('weak', 'strong', 'other', 'retrain'):
             for kk, v in (m['scale'].get(k) or {}).items():
                 if isinstance(v, (int, float, str)) and not isinstance(v, bool): out[f'rq2_replace.scale.{k}.{_key(kk)}'] = f'{v:.3f}' if isinstance(v, float) else str(v)
+    return out
+
+def _table6_summary(d:Path) -> dict:
+    "Figures of Table 6 from `motivating_example/table6.csv` and `metrics.json`: each strategy's top-1 change against MA with its interval (pp, 2 places)."
+    out, f = {}, d / 'motivating_example' / 'table6.csv'
+    if not f.exists(): return out
+    for r in csv.DictReader(io.StringIO(f.read_text())):
+        k = f"table6.{_key(r['strategy'])}"
+        if r.get('d_top1_vs_MA_pp'): out[f'{k}.d_top1_vs_MA'] = f"{float(r['d_top1_vs_MA_pp']):+.2f} pp"
+        if r.get('d_top1_vs_MA_ci_pp'): lo, hi = json.loads(r['d_top1_vs_MA_ci_pp']); out[f'{k}.d_top1_vs_MA_ci'] = f'[{lo:+.2f}, {hi:+.2f}]'
+    m = json.loads((d / 'motivating_example' / 'metrics.json').read_text())
+    lm = m.get('longer_model', {})
+    if 'gain_pp_scored_test_ci' in lm:
+        out['table6.longer_gain'] = f"{lm['gain_pp_full_test']:+.2f} pp"
+        lo, hi = lm['gain_pp_scored_test_ci']; out['table6.longer_gain_ci'] = f'[{lo:+.2f}, {hi:+.2f}]'
     return out
 
 def report_summary(reports_dir) -> dict:
@@ -378,6 +394,7 @@ def report_summary(reports_dir) -> dict:
             out[f'models.{f.stem}.call'] = f"{m['seconds_this_call']:.0f} s for {m['epochs_this_call']} epoch{'s' * (m['epochs_this_call'] > 1)}"
             out[f'models.{f.stem}.epoch_min'] = f"{m['seconds_this_call'] / m['epochs_this_call'] / 60:.1f}"
     out.update(_rq2_summary(d))
+    out.update(_table6_summary(d))
     return out
 
 SUMMARY_MARK = re.compile(r'<!-- summary:(?P<key>[\w.+-]+) -->(?P<val>.*?)<!-- /summary -->')
