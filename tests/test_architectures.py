@@ -92,3 +92,12 @@ def test_architectures_notebook(tmp_path):
     (row,) = m['rows']
     assert row['accepted'] and row['nodes'] > 0 and 0 < row['kept_share'] <= 1
     assert 0 <= row['argmax_agreement'] <= 1 and 0 <= row['composed_top1'] <= 1 and row['module_file_mb'] > 0
+    assert row['disagreements'] == round((1 - row['argmax_agreement']) * 40)         # 4 classes × 10 test images
+    assert row['decompose_s'] > 0 and row['predict_s'] > 0 and row['decompose_cold_s'] > 0
+    assert row['decompose_over_predict'] == pytest.approx(row['decompose_s'] / row['predict_s'])
+    assert set(row['unseen']) == {'calibrated', 'paper'}
+    assert (tmp_path / 'arch' / 'table.md').exists() and (tmp_path / 'arch' / 'architectures.png').exists()
+    # a second run with the same parameters resumes: the family done is not trained again (its timings are kept as they were)
+    run_experiment('architectures.ipynb', tmp_path / 'again.ipynb', out_dir=str(tmp_path / 'arch'))
+    (again,) = json.loads((tmp_path / 'arch' / 'metrics.json').read_text())['rows']
+    assert again['train_s'] == row['train_s'] and again['decompose_s'] == row['decompose_s']
