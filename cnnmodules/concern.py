@@ -68,17 +68,20 @@ def _counter(graph, n_classes:int, strategy=None):
             kw = dict(synchronization=tf.VariableSynchronization.ON_READ, aggregation=tf.VariableAggregation.SUM) if strategy is not None else {}
             acc = [tf.Variable(tf.zeros((2 * n_classes, int(np.prod(s))), tf.int32), trainable=False, **kw) for s in graph.node_shapes]
         def add(xb, label, tangling):
-            valid = label >= 0                                       # padding rows carry label -1
-            lab, tan = tf.boolean_mask(label, valid), tf.boolean_mask(tangling, valid)
+            # padding rows carry label -1 and add zeros (weights, not boolean masks: a boolean mask per node layer
+            # costs more to trace than the model's forward pass)
+            valid = tf.cast(label >= 0, tf.int32)[:, None]
+            tan = tf.cast(tangling, tf.int32)[:, None] * valid
+            lab = tf.maximum(label, 0)
             for a, v, op in zip(acc, forward(graph, xb, collect=True), graph.node_ops):
                 act = v > 0 if op.active_above is None else tf.abs(v) > op.active_above   # exact rule: |v| > 0, i.e. v ≠ 0
-                on = tf.boolean_mask(tf.reshape(tf.cast(act, tf.int32), [tf.shape(v)[0], -1]), valid)
+                on = tf.reshape(tf.cast(act, tf.int32), [tf.shape(v)[0], -1])
                 if strategy is None:   # each input's activity into its class's row: O(batch × nodes), whatever the number of classes
-                    a.scatter_add(tf.IndexedSlices(on, lab))
-                    a.scatter_add(tf.IndexedSlices(tf.boolean_mask(on, tan), tf.boolean_mask(lab, tan) + n_classes))
-                else:                  # variables synchronised on read take no scatter: a dense per-class sum per replica batch
-                    a.assign_add(tf.concat([tf.math.unsorted_segment_sum(on, lab, n_classes),
-                                            tf.math.unsorted_segment_sum(on, tf.where(tan, lab, -1), n_classes)], 0))
+                    a.scatter_add(tf.IndexedSlices(on * valid, lab))
+                    a.scatter_add(tf.IndexedSlices(on * tan, lab + n_classes))
+                else:                  # variables synchronised on read take no scatter: a dense per-class sum per replica batch (id -1 drops a row)
+                    a.assign_add(tf.concat([tf.math.unsorted_segment_sum(on, label, n_classes),
+                                            tf.math.unsorted_segment_sum(on, tf.where(tangling, label, -1), n_classes)], 0))
         if strategy is None: step = graph_function(add)   # its own trace count per graph (02_graph): no retracing notices across models
         else:
             @tf.function(reduce_retracing=True)

@@ -430,9 +430,9 @@ def warn_input_range(graph:LayerGraph, x, stacklevel:int=3):
     return msg
 
 def graph_function(fn, **kw):
-    "`tf.function(fn, reduce_retracing=True)` for a function built once per model: TensorFlow counts its traces apart from other models' (see above)."
+    "`tf.function(fn, reduce_retracing=True, autograph=False)` for a function built once per model: TensorFlow counts its traces apart from other models' (see above)."
     import tensorflow as tf
-    return tf.function(functools.partial(fn), reduce_retracing=True, **kw)
+    return tf.function(functools.partial(fn), reduce_retracing=True, **{'autograph': False, **kw})
 
 
 # %% ../nbs/02_graph.ipynb #87409396
