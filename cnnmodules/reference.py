@@ -5,20 +5,27 @@
 # %% ../nbs/05_reference.ipynb #489dd35a
 from __future__ import annotations
 from dataclasses import dataclass, field
+import math
 
 import numpy as np
 import keras
 
 # %% auto #0
-__all__ = ['KINDS', 'RefLayer', 'reference_layers', 'node_layer_names', 'tf_padding', 'sliding_windows', 'conv_forward',
-           'pool_forward', 'reference_values', 'reference_forward', 'layer_shapes', 'reference_ci', 'reference_kept',
-           'sliding_window_mapping', 'cmbi', 'reference_backtrack', 'reference_mc_bi', 'reference_mc_bln']
+__all__ = ['KINDS', 'EXACT', 'SMOOTH', 'RefLayer', 'reference_layers', 'node_layer_names', 'tf_padding', 'sliding_windows',
+           'activation', 'depthwise_forward', 'conv_forward', 'pool_forward', 'reference_values', 'reference_forward',
+           'layer_shapes', 'reference_ci', 'reference_kept', 'sliding_window_mapping', 'cmbi', 'reference_backtrack',
+           'reference_mc_bi', 'reference_mc_bln']
 
 # %% ../nbs/05_reference.ipynb #41eafff6
 KINDS = {'InputLayer': 'input', 'Conv2D': 'conv', 'Dense': 'dense', 'Add': 'add', 'Activation': 'relu',
          'ReLU': 'relu', 'MaxPooling2D': 'maxpool', 'AveragePooling2D': 'avgpool',
          'GlobalAveragePooling2D': 'gap', 'Flatten': 'flatten', 'BatchNormalization': 'bn',
-         'Dropout': 'dropout', 'ZeroPadding2D': 'zeropad', 'Rescaling': 'affine', 'Normalization': 'affine'}
+         'Dropout': 'dropout', 'ZeroPadding2D': 'zeropad', 'Rescaling': 'affine', 'Normalization': 'affine',
+         # issue 16: layers of the keras.applications families the reference computes one input at a time
+         'DepthwiseConv2D': 'dwconv', 'Concatenate': 'concat', 'Cropping2D': 'crop', 'GlobalMaxPooling2D': 'gmp',
+         'LeakyReLU': 'act', 'Softmax': 'softmax'}
+EXACT = ('relu', 'relu6', 'hard_sigmoid', 'hard_silu', 'hard_swish')   # exactly 0 on a whole range: their outputs are nodes
+SMOOTH = ('leaky_relu', 'elu', 'silu', 'swish', 'gelu', 'sigmoid', 'tanh')   # never exactly 0 (but at one point): not nodes
 
 @dataclass
 class RefLayer:
@@ -30,6 +37,7 @@ class RefLayer:
     consumers: list = field(default_factory=list)
     node: bool = False        # is its output a node layer?
     weights: list = None      # the layer's weights as float64 NumPy arrays (`layer.get_weights()`)
+    act: str = 'linear'       # the activation it applies (an Activation layer's, a fused one, 'leaky_relu' for LeakyReLU)
 
 def _act(l): return getattr(getattr(l, 'activation', None), '__name__', 'linear')
 
@@ -47,20 +55,28 @@ def reference_layers(model:keras.Model, linear_nodes:str='backtrack') -> list:
         return l.name
     visit(model.outputs[0])
     last = order[-1]
-    if type(last.layer).__name__ == 'Activation' and _act(last.layer) in ('softmax', 'linear'):
-        order.pop()                                  # Activation('softmax') after the output Dense: the Dense is the head
+    if type(last.layer).__name__ == 'Activation' and _act(last.layer) in ('softmax', 'linear') or last.kind == 'softmax':
+        order.pop()                                  # Activation('softmax') or Softmax() after the output Dense: the Dense is the head
     order[-1].kind = 'head'
     for L in order:
         for i in L.inputs: seen[i].consumers.append(L.name)
-        if type(L.layer).__name__ == 'Activation':
-            if _act(L.layer) == 'linear': L.kind = 'dropout'   # the identity
-            elif _act(L.layer) != 'relu': raise ValueError(f"reference: activation '{_act(L.layer)}' of layer '{L.name}' is not ReLU")
+        cls = type(L.layer).__name__
+        if cls == 'Activation':
+            L.act = _act(L.layer)
+            if L.act == 'linear': L.kind = 'dropout'   # the identity
+            elif L.act in EXACT + SMOOTH: L.kind = 'relu' if L.act == 'relu' else 'act'
+            else: raise ValueError(f"reference: activation '{L.act}' of layer '{L.name}' is not supported")
+        elif cls == 'LeakyReLU': L.act = 'leaky_relu'
+        elif cls == 'ReLU': L.act = 'relu' if not (L.layer.get_config().get('negative_slope') or 0) else 'leaky_relu'
+        elif L.kind in ('conv', 'dense', 'dwconv'):
+            L.act = _act(L.layer)
+            if L.act not in EXACT + SMOOTH + ('linear',): raise ValueError(f"reference: hidden activation '{L.act}' in '{L.name}'")
     for L in order:
-        if L.kind == 'relu' and linear_nodes == 'backtrack': L.node = True
-        if L.kind not in ('conv', 'dense'): continue
-        if _act(L.layer) not in ('relu', 'linear'): raise ValueError(f"reference: hidden activation '{_act(L.layer)}' in '{L.name}'")
-        if _act(L.layer) == 'relu': L.node = True
-        elif linear_nodes == 'paper':
+        if L.kind in ('relu', 'act') and L.act in EXACT and linear_nodes == 'backtrack': L.node = True
+        if L.kind == 'act' and L.act in EXACT and L.act != 'relu': L.node = True   # a clipped or hard activation: a node under both rules
+        if L.kind not in ('conv', 'dense', 'dwconv'): continue
+        if L.act in EXACT: L.node = True
+        elif L.act == 'linear' and linear_nodes == 'paper':
             nxt = seen[L.consumers[0]] if len(L.consumers) == 1 else None
             if nxt is not None and nxt.kind == 'bn': nxt.node = True
             else: L.node = True
@@ -97,6 +113,33 @@ def sliding_windows(a:np.ndarray,  # (H, W, C) input of one sample
 # %% ../nbs/05_reference.ipynb #9f527092
 def _relu(v): return np.maximum(v, 0.0)
 
+def activation(name:str, v:np.ndarray, negative_slope:float=0.2) -> np.ndarray:
+    "Keras' activation `name` on `v`, written out in float64."
+    if name == 'linear': return v
+    if name == 'relu': return _relu(v)
+    if name == 'relu6': return np.clip(v, 0.0, 6.0)
+    if name == 'hard_sigmoid': return np.clip(v + 3.0, 0.0, 6.0) / 6.0
+    if name in ('hard_silu', 'hard_swish'): return v * np.clip(v + 3.0, 0.0, 6.0) / 6.0
+    if name == 'leaky_relu': return np.where(v >= 0, v, negative_slope * v)
+    if name == 'elu': return np.where(v > 0, v, np.expm1(np.minimum(v, 0.0)))
+    if name in ('silu', 'swish'): return v / (1.0 + np.exp(-v))
+    if name == 'gelu': return 0.5 * v * (1.0 + np.vectorize(math.erf)(v / np.sqrt(2.0)))   # Keras' default: the exact form
+    if name == 'sigmoid': return 1.0 / (1.0 + np.exp(-v))
+    if name == 'tanh': return np.tanh(v)
+    if name == 'softmax': e = np.exp(v - v.max()); return e / e.sum()
+    raise ValueError(f"reference: activation '{name}'")
+
+def depthwise_forward(x:np.ndarray, W:np.ndarray, B:np.ndarray, strides, padding:str) -> np.ndarray:
+    "A DepthwiseConv2D on one (H, W, C) input: output channel c·dm + j is input channel c's window times W[:, :, c, j], plus its bias."
+    windows, (Ho, Wo) = sliding_windows(x, W.shape[:2], strides, padding)
+    C, dm = W.shape[2], W.shape[3]
+    out = np.zeros((Ho, Wo, C * dm))
+    for (p, q), window in windows:
+        for c in range(C):
+            for j in range(dm):
+                out[p, q, c * dm + j] = np.sum(window[..., c] * W[:, :, c, j]) + B[c * dm + j]
+    return out
+
 def conv_forward(x:np.ndarray, W:np.ndarray, B:np.ndarray, strides, padding:str) -> np.ndarray:
     "A Conv2D on one (H, W, C) input: Output = slidingw * W + B, window by window and filter by filter."
     windows, (Ho, Wo) = sliding_windows(x, W.shape[:2], strides, padding)
@@ -121,17 +164,23 @@ def _pool_cfg(layer):
 
 def _layer_value(L:RefLayer, xs:list) -> np.ndarray:
     l, k = L.layer, L.kind
-    if k in ('conv', 'dense', 'head'):
-        W = L.weights[0]; B = L.weights[1] if l.use_bias else np.zeros(W.shape[-1])
-        if k == 'conv':
+    if k in ('conv', 'dense', 'head', 'dwconv'):
+        W = L.weights[0]; B = L.weights[1] if l.use_bias else np.zeros(W.shape[-1] * (W.shape[2] if k == 'dwconv' else 1))
+        if k in ('conv', 'dwconv'):
             c = l.get_config()
-            out = conv_forward(xs[0], W, B, tuple(c['strides']), c['padding'])
+            out = (conv_forward if k == 'conv' else depthwise_forward)(xs[0], W, B, tuple(c['strides']), c['padding'])
         else: out = xs[0] @ W + B
-        act = _act(l)
-        if act == 'relu': out = _relu(out)
-        elif act == 'softmax': e = np.exp(out - out.max()); out = e / e.sum()
-        elif act != 'linear': raise ValueError(f"reference: activation '{act}' of '{l.name}'")
-        return out
+        return activation(_act(l), out)
+    if k == 'relu' and type(l).__name__ == 'ReLU':   # Keras' ReLU layer: threshold, max_value, negative_slope
+        c = l.get_config(); t, mv, ns = c.get('threshold') or 0.0, c.get('max_value'), c.get('negative_slope') or 0.0
+        out = np.where(xs[0] >= t, xs[0], ns * (xs[0] - t))
+        return out if mv is None else np.minimum(out, mv)
+    if k == 'act': return activation(L.act, xs[0], **({'negative_slope': l.get_config()['negative_slope']} if type(l).__name__ == 'LeakyReLU' else {}))
+    if k == 'concat': return np.concatenate(xs, axis=-1)
+    if k == 'crop':
+        (t, b), (lf, r) = l.get_config()['cropping']
+        return xs[0][t:xs[0].shape[0] - b, lf:xs[0].shape[1] - r]
+    if k == 'gmp': return xs[0].max(axis=(0, 1))
     if k == 'affine':
         if type(l).__name__ == 'Rescaling':
             c = l.get_config()
@@ -176,10 +225,10 @@ def reference_values(model:keras.Model, x1:np.ndarray, order:list=None) -> dict:
     return vals
 
 def reference_forward(model:keras.Model, x1:np.ndarray, order:list=None) -> dict:
-    "Node values for ONE input: node-layer name -> array (a fused BN's output stands for its Conv2D/Dense)."
+    "Node values for ONE input: node-layer name -> array (a fused BN's output stands for its Conv2D/Dense; a hard-swish output as |value|, see below)."
     order = order or reference_layers(model)
     vals = reference_values(model, x1, order)
-    return {L.name: vals[L.name] for L in order if L.node}
+    return {L.name: np.abs(vals[L.name]) if L.act in ('hard_silu', 'hard_swish') else vals[L.name] for L in order if L.node}
 
 # %% ../nbs/05_reference.ipynb #17eb8505
 def _ci(node_values:list, shapes:dict) -> dict:
@@ -237,18 +286,18 @@ def reference_kept(model:keras.Model, x:np.ndarray, sample, steps=('ci', 'ti'), 
     return keep
 
 # %% ../nbs/05_reference.ipynb #c454f12d
-def sliding_window_mapping(in_shape, kernel, strides, padding:str, n_out:int=None, per_channel:bool=False) -> list:
+def sliding_window_mapping(in_shape, kernel, strides, padding:str, n_out:int=None, per_channel:bool=False, depth_multiplier:int=1) -> list:
     "Algorithm 3's forward pass: the list of (input node number (1-based, padding 0), output node flat index) pairs."
     temp = np.zeros(in_shape, dtype=np.int64).flatten()
     for i in range(len(temp)): temp[i] = i + 1
     temp = temp.reshape(in_shape)
     windows, (Ho, Wo) = sliding_windows(temp, kernel, strides, padding, fill=0)
-    n_out = in_shape[2] if per_channel else n_out
+    n_out = in_shape[2] * depth_multiplier if per_channel else n_out
     mapping = []
     for (p, q), window in windows:
         for j in range(n_out):
             count = (p * Wo + q) * n_out + j
-            for source in (window[..., j] if per_channel else window).flatten():
+            for source in (window[..., j // depth_multiplier] if per_channel else window).flatten():   # per channel (pooling, depthwise): channel j reads input channel j // dm
                 mapping.append((int(source), count))
     return mapping
 
@@ -290,8 +339,19 @@ def _read_sets(L:RefLayer, by_name:dict, shapes:dict, live:set, through_conv:boo
     k = L.kind
     if k == 'input': return {}
     src = L.inputs[0]; n_in = _flat(shapes[src]); everything = set(range(n_in))
-    if k in ('relu', 'dropout', 'bn', 'affine', 'flatten'): return {src: set(live)}
+    if k in ('relu', 'act', 'dropout', 'bn', 'affine', 'flatten'): return {src: set(live)}
     if k == 'add': return {i: set(live) for i in L.inputs}
+    if k == 'concat':                                     # output channel ch comes from the input whose channel range holds it
+        edges = np.cumsum([0] + [shapes[i][-1] for i in L.inputs])
+        read = {i: set() for i in L.inputs}
+        for f in live:
+            p, q, ch = np.unravel_index(f, shapes[L.name])
+            a = int(np.searchsorted(edges, ch, side='right')) - 1
+            read[L.inputs[a]].add(int(np.ravel_multi_index((p, q, ch - edges[a]), shapes[L.inputs[a]])))
+        return read
+    if k == 'crop':                                       # output (p, q) is input (p + top, q + left)
+        (t, _), (lf, _) = L.layer.get_config()['cropping']
+        return {src: {int(np.ravel_multi_index((p + t, q + lf, ch), shapes[src])) for p, q, ch in (np.unravel_index(f, shapes[L.name]) for f in live)}}
     if k == 'zeropad':
         (t, _), (lf, _) = L.layer.get_config()['padding']
         in_shape, read = shapes[src], set()
@@ -300,14 +360,18 @@ def _read_sets(L:RefLayer, by_name:dict, shapes:dict, live:set, through_conv:boo
             if t <= p < t + in_shape[0] and lf <= q < lf + in_shape[1]:
                 read.add(int(np.ravel_multi_index((p - t, q - lf, ch), in_shape)))
         return {src: read}
-    if k == 'gap':
+    if k in ('gap', 'gmp'):
         H, W, C = shapes[src]
         return {src: {int(np.ravel_multi_index((p, q, ch), (H, W, C))) for p in range(H) for q in range(W) for ch in range(C) if ch in live}}
-    if k in ('maxpool', 'avgpool', 'conv'):
-        if k == 'conv' and not through_conv: return {src: everything}
+    if k in ('maxpool', 'avgpool', 'conv', 'dwconv'):
+        if k in ('conv', 'dwconv') and not through_conv: return {src: everything}
         if k == 'conv':
             c = L.layer.get_config()
             mapping = sliding_window_mapping(shapes[src], tuple(c['kernel_size']), tuple(c['strides']), c['padding'], n_out=c['filters'])
+        elif k == 'dwconv':
+            c = L.layer.get_config()
+            mapping = sliding_window_mapping(shapes[src], tuple(c['kernel_size']), tuple(c['strides']), c['padding'], per_channel=True,
+                                             depth_multiplier=c['depth_multiplier'])
         else:
             ps, st, pad = _pool_cfg(L.layer)
             mapping = sliding_window_mapping(shapes[src], ps, st, pad, per_channel=True)
@@ -338,6 +402,7 @@ def reference_backtrack(model:keras.Model,
     shapes = layer_shapes(model, order)
     head = order[-1]
     out = [np.array(k, bool) for k in kept]
+    if not out: return out                                       # no node layer: nothing to remove
     for m_i in range(out[0].shape[0]):
         kept_set = {n: set(np.flatnonzero(out[k][m_i].reshape(-1)).tolist()) for k, n in enumerate(names)}
         d = _flat(shapes[head.inputs[0]])

@@ -66,7 +66,7 @@ def check(model, x, y, E, classes=None, seed=0, linear_nodes='backtrack', delta=
         for name, a, b in zip(g.node_names, fast, ref):
             np.testing.assert_array_equal(a, b, err_msg=f'{steps} {name}')
         bi += removed.get('bi', 0)
-    frac = sum(k.sum() for k in keep) / sum(k.size for k in keep)
+    frac = sum(k.sum() for k in keep) / max(1, sum(k.size for k in keep))   # a model without node layers: 0
     return frac, bi
 
 
@@ -202,3 +202,24 @@ def test_random_architectures(spec, E):
     x, y = make_data(spec['shape'], spec['N'], E + 1, seed=spec['seed'])
     for rule in ('backtrack', 'paper'):
         check(m, x, y, E, seed=spec['seed'], linear_nodes=rule)
+
+
+# ---------------------------------------------------------------- issue 16: the new layer kinds the reference computes
+
+from cnn_strategies import arch_specs, build_arch
+
+REF_KINDS = ('act', 'relu_layer', 'dwconv', 'concat', 'crop')   # the kinds `cnnmodules.reference` computes one input at a time
+
+
+@props(15)
+@given(st.data(), st.integers(3, 5))
+def test_new_layer_kinds_against_the_reference(data, E):
+    """Clipped/hard/smooth activations, ReLU layers with max_value/threshold, DepthwiseConv2D (depth multiplier 1-2),
+    Concatenate, Cropping2D, GlobalMaxPooling2D and Softmax heads: CI, CI+TI, MC-BLN and MC-BI of the engine equal
+    the literal reference (exact node rule; a Reshape top or a 1×1-conv head, which the reference does not compute,
+    is drawn as Flatten or Dense)."""
+    spec = data.draw(arch_specs(kinds=REF_KINDS), label='spec')
+    spec = {**spec, 'top': 'flatten' if spec['top'] == 'reshape' else spec['top'], 'head': 'dense' if spec['head'] == 'conv1x1' else spec['head']}
+    m = build_arch(spec)
+    x, y = make_data(spec['shape'], spec['N'], E + 1, seed=spec['seed'])
+    check(m, x, y, E, seed=spec['seed'])
