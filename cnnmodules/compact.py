@@ -699,8 +699,10 @@ def reengineer_subset(ms:ModuleSet, x, y,
 # %% ../nbs/12_compact.ipynb #6e9eb198
 def finetune_subset_model(model:keras.Model,   # a subset model with output='logit' (`ModuleSet.to_keras(..., output='logit')`)
                           x, targets,           # training inputs and the parent's probabilities restricted to the subset (rows sum to 1)
-                          epochs:int=2, lr:float=1e-4, batch_size:int=64,
+                          epochs:int=2, lr:float=1e-3, batch_size:int=64,
                           validation:float=0.2, # share held out: the best epoch on it is kept
+                          flip:bool=False,      # also train on the left-right mirror of each training input (natural images)
+                          patience:int=2,       # epochs without a better held-out loss before stopping
                           seed:int=0, verbose=0) -> keras.Model:
     "A copy of `model` whose kept weights are trained (it TRAINS weights) to match the parent's restricted probabilities (distillation)."
     import tensorflow as tf
@@ -712,8 +714,10 @@ def finetune_subset_model(model:keras.Model,   # a subset model with output='log
     x, t = np.asarray(x), np.asarray(targets, 'float32')
     idx = np.random.default_rng(seed).permutation(len(x)); n = int(round(validation * len(x)))
     va, tr = idx[:n], idx[n:]
-    cb = [keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)] if n else []
-    m.fit(x[tr], t[tr], epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True,
+    xa, ta = x[tr], t[tr]
+    if flip: xa, ta = np.concatenate([xa, xa[:, :, ::-1]]), np.concatenate([ta, ta])   # the held-out share is never mirrored into training
+    cb = [keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)] if n else []
+    m.fit(xa, ta, epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True,
           validation_data=(x[va], t[va]) if n else None, callbacks=cb)
     out = keras.models.clone_model(model); out.set_weights(m.get_weights())   # a clone of the uncompiled input: its file holds no optimizer state
     return out
