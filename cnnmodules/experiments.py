@@ -361,6 +361,19 @@ def _table6_summary(d:Path) -> dict:
         lo, hi = lm['gain_pp_scored_test_ci']; out['table6.longer_gain_ci'] = f'[{lo:+.2f}, {hi:+.2f}]'
     return out
 
+def _architectures_summary(d:Path) -> dict:
+    "Figures of the keras.applications run from `architectures/metrics.json`: families accepted, spans of model top-1, agreement, share kept, time ratio."
+    f = d / 'architectures' / 'metrics.json'
+    if not f.exists(): return {}
+    m = json.loads(f.read_text()); rows, P = m['rows'], m['params']; acc = [r for r in rows if r.get('accepted')]
+    out = {'architectures.accepted': f'{len(acc)} of {len(rows)}'}
+    if not acc: return out
+    for key, fmt in (('model_top1', '.3f'), ('argmax_agreement', '.3f'), ('kept_share', '.3f'), ('decompose_over_predict', '.2f')):
+        out[f'architectures.{key}'] = _span([r[key] for r in acc], fmt)
+    out['architectures.disagreements'] = str(sum(r['disagreements'] for r in acc))
+    out['architectures.test_images'] = f"{len(P['classes']) * P['test_per_class']:,}"
+    return out
+
 def report_summary(reports_dir) -> dict:
     "The summary figures `reports/README.md` quotes, computed from the CSV and JSON files in `reports_dir`: marker key → text."
     d, out = Path(reports_dir), {}
@@ -395,6 +408,7 @@ def report_summary(reports_dir) -> dict:
             out[f'models.{f.stem}.epoch_min'] = f"{m['seconds_this_call'] / m['epochs_this_call'] / 60:.1f}"
     out.update(_rq2_summary(d))
     out.update(_table6_summary(d))
+    out.update(_architectures_summary(d))
     return out
 
 SUMMARY_MARK = re.compile(r'<!-- summary:(?P<key>[\w.+-]+) -->(?P<val>.*?)<!-- /summary -->')
