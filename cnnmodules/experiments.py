@@ -362,16 +362,19 @@ def _table6_summary(d:Path) -> dict:
     return out
 
 def _architectures_summary(d:Path) -> dict:
-    "Figures of the keras.applications run from `architectures/metrics.json`: families accepted, spans of model top-1, agreement, share kept, time ratio."
+    "Figures of the keras.applications run from `architectures/metrics.json`: families accepted, which learned (predict more than one class), and over those the spans of top-1, argmax agreement, share kept, decompose ÷ predict."
     f = d / 'architectures' / 'metrics.json'
     if not f.exists(): return {}
-    m = json.loads(f.read_text()); rows, P = m['rows'], m['params']; acc = [r for r in rows if r.get('accepted')]
-    out = {'architectures.accepted': f'{len(acc)} of {len(rows)}'}
-    if not acc: return out
+    m = json.loads(f.read_text()); rows, P = m['rows'], m['params']
+    acc = [r for r in rows if r.get('accepted')]
+    learned = [r for r in acc if r['model_classes_predicted'] > 1]   # a one-class model agrees with anything that also answers one class
+    out = {'architectures.accepted': f'{len(acc)} of {len(rows)}', 'architectures.learned': f'{len(learned)} of {len(acc)}',
+           'architectures.not_learned': ', '.join(r['family'] for r in acc if r not in learned) or 'none',
+           'architectures.test_images': f"{len(P['classes']) * P['test_per_class']:,}"}
+    if not learned: return out
     for key, fmt in (('model_top1', '.3f'), ('argmax_agreement', '.3f'), ('kept_share', '.3f'), ('decompose_over_predict', '.2f')):
-        out[f'architectures.{key}'] = _span([r[key] for r in acc], fmt)
-    out['architectures.disagreements'] = str(sum(r['disagreements'] for r in acc))
-    out['architectures.test_images'] = f"{len(P['classes']) * P['test_per_class']:,}"
+        out[f'architectures.{key}'] = _span([r[key] for r in learned], fmt)
+    out['architectures.disagreements'] = str(sum(r['disagreements'] for r in learned))
     return out
 
 def report_summary(reports_dir) -> dict:
