@@ -101,3 +101,9 @@ def test_architectures_notebook(tmp_path):
     run_experiment('architectures.ipynb', tmp_path / 'again.ipynb', out_dir=str(tmp_path / 'arch'))
     (again,) = json.loads((tmp_path / 'arch' / 'metrics.json').read_text())['rows']
     assert again['train_s'] == row['train_s'] and again['decompose_s'] == row['decompose_s']
+    # a family whose recipe is overridden is trained again with it, and its row records the recipe it was made with
+    run_experiment('architectures.ipynb', tmp_path / 'other.ipynb', out_dir=str(tmp_path / 'arch'),
+                   recipes={'MobileNetV3Small': {'learning_rate': 0.002}})
+    (other,) = json.loads((tmp_path / 'arch' / 'metrics.json').read_text())['rows']
+    assert row['recipe']['learning_rate'] == 1e-3 and other['recipe']['learning_rate'] == 0.002
+    assert other['train_s'] != row['train_s']
