@@ -72,8 +72,8 @@ def reference_layers(model:keras.Model, linear_nodes:str='backtrack') -> list:
             L.act = _act(L.layer)
             if L.act not in EXACT + SMOOTH + ('linear',): raise ValueError(f"reference: hidden activation '{L.act}' in '{L.name}'")
     for L in order:
-        if L.kind in ('relu', 'act') and L.act in EXACT and linear_nodes == 'backtrack': L.node = True
-        if L.kind == 'act' and L.act in EXACT and L.act != 'relu': L.node = True   # a clipped or hard activation: a node under both rules
+        if L.kind == 'relu' and L.act == 'relu' and linear_nodes == 'backtrack': L.node = True   # a ReLU layer (clipped or not); the paper's rule marks its input instead
+        if L.kind == 'act' and L.act in EXACT: L.node = True   # ReLU6, hard-sigmoid, hard-swish as Activation layers: nodes under both rules
         if L.kind not in ('conv', 'dense', 'dwconv'): continue
         if L.act in EXACT: L.node = True
         elif L.act == 'linear' and linear_nodes == 'paper':
@@ -365,13 +365,10 @@ def _read_sets(L:RefLayer, by_name:dict, shapes:dict, live:set, through_conv:boo
         return {src: {int(np.ravel_multi_index((p, q, ch), (H, W, C))) for p in range(H) for q in range(W) for ch in range(C) if ch in live}}
     if k in ('maxpool', 'avgpool', 'conv', 'dwconv'):
         if k in ('conv', 'dwconv') and not through_conv: return {src: everything}
-        if k == 'conv':
+        if k in ('conv', 'dwconv'):
             c = L.layer.get_config()
-            mapping = sliding_window_mapping(shapes[src], tuple(c['kernel_size']), tuple(c['strides']), c['padding'], n_out=c['filters'])
-        elif k == 'dwconv':
-            c = L.layer.get_config()
-            mapping = sliding_window_mapping(shapes[src], tuple(c['kernel_size']), tuple(c['strides']), c['padding'], per_channel=True,
-                                             depth_multiplier=c['depth_multiplier'])
+            per = dict(n_out=c['filters']) if k == 'conv' else dict(per_channel=True, depth_multiplier=c['depth_multiplier'])
+            mapping = sliding_window_mapping(shapes[src], tuple(c['kernel_size']), tuple(c['strides']), c['padding'], **per)
         else:
             ps, st, pad = _pool_cfg(L.layer)
             mapping = sliding_window_mapping(shapes[src], ps, st, pad, per_channel=True)
