@@ -283,8 +283,8 @@ def calibrate(ms:ModuleSet, x, y,           # labelled inputs; labels `y` = posi
 
 # %% ../nbs/08_compose.ipynb #9920f432
 def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, progress:bool=False, k:int=10,
-                     vote:str='calibrated') -> dict:
-    "Top-1 (voting) and top-5 (by the vote's scores) accuracy of the composed modules on (x, y); labels are positions in `ms`; `vote` 'calibrated' (default) or 'paper' (raw margins)."
+                     vote:str='calibrated', per_image:bool=False) -> dict:
+    "Top-1 (voting) and top-5 (by the vote's scores) accuracy of the composed modules on (x, y); labels are positions in `ms`; `vote` 'calibrated' (default) or 'paper' (raw margins); `per_image`: also `pred`, the voted position per input (for paired intervals)."
     x, y = check_data(x, y, ms.input_shape, len(ms), expects='the modules expect', labels='(positions in the module set)',
                       purpose='evaluate needs test inputs')   # the checks `decompose` makes (02_graph)
     check_finite(x)
@@ -299,4 +299,5 @@ def evaluate_modules(ms:ModuleSet, x, y, mode:str='exact', batch_size:int=256, j
            'masked_pairs': stats['dirty'] / max(1, stats['pairs']) if mode in ('exact', 'candidates') else float(mode == 'full'),
            'voters': {'none': float((nv == 0).mean()), 'one': float((nv == 1).mean()), 'several': float((nv > 1).mean())}}
     if jaccard: out['jaccard'] = jaccard_index(ms)
+    if per_image: out['pred'] = pred
     return out

@@ -207,9 +207,9 @@ class ModuleSet:
     def __repr__(self):
         ps = self.parents()
         return f"ModuleSet({len(self)} modules of {len(ps)} parent{'s' * (len(ps) > 1)}: {', '.join(map(str, self.class_names[:8]))}{', ...' if len(self) > 8 else ''})"
-    def evaluate(self, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, k:int=10, vote:str='calibrated') -> dict:
-        "Compose by voting and score: dict with `top1`, `top5`, `jaccard` (and the voting details); `mode` and `vote` as in `cnnmodules.compose`."
-        return evaluate_modules(self, x, y, mode=mode, batch_size=batch_size, jaccard=jaccard, k=k, vote=vote)
+    def evaluate(self, x, y, mode:str='exact', batch_size:int=256, jaccard:bool=True, k:int=10, vote:str='calibrated', per_image:bool=False) -> dict:
+        "Compose by voting and score: dict with `top1`, `top5`, `jaccard` (and the voting details; `pred` per input with `per_image`); `mode` and `vote` as in `cnnmodules.compose`."
+        return evaluate_modules(self, x, y, mode=mode, batch_size=batch_size, jaccard=jaccard, k=k, vote=vote, per_image=per_image)
     def predict(self, x, mode:str='exact', batch_size:int=256, k:int=10, vote:str='calibrated') -> np.ndarray:
         "(n, len(self)) array of p_concerned and (n, len(self)) of p_unconcerned for inputs `x` (calibrated unless `vote='paper'`)."
         return module_scores(self, x, mode=mode, batch_size=batch_size, k=k, vote=vote)
