@@ -17,13 +17,24 @@ from .modularize import live_elements
 from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing, fold_calibration
 
 # %% auto #0
-__all__ = ['SLIM_KINDS', 'GRANULARITIES', 'channel_spaces', 'channel_kept', 'slim_channels', 'parent_size', 'slim_keras',
-           'head_features', 'refit_heads', 'learn_channel_masks', 'check_compact_args', 'set_channels', 'subset_keras',
-           'model_macs', 'model_sizes', 'learn_subset_gates', 'reengineer_subset', 'finetune_subset_model']
+__all__ = ['SLIM_KINDS', 'GRANULARITIES', 'channel_spaces', 'channel_kept', 'whole_spaces', 'slim_channels', 'parent_size',
+           'slim_keras', 'head_features', 'refit_heads', 'learn_channel_masks', 'check_compact_args', 'set_channels',
+           'subset_keras', 'model_macs', 'model_sizes', 'learn_subset_gates', 'reengineer_subset',
+           'finetune_subset_model']
 
 # %% ../nbs/12_compact.ipynb #187f2e3c
 _SAME_CHANNELS = ('relu', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'zeropad',
-                  'act', 'scale', 'shift', 'gmp', 'crop')   # issue 16: other element-wise and per-channel layers
+                  'act', 'scale', 'shift', 'gmp', 'crop', 'layernorm')   # issue 16: other element-wise and per-channel layers
+
+def _per_channel_conv(op, graph) -> bool:
+    "Is `op` a convolution whose output channel c reads input channel c only (DepthwiseConv2D with depth_multiplier 1; Conv2D with groups = its input and output channels)?"
+    if op.kind == 'dwconv': return op.layer.get_config()['depth_multiplier'] == 1
+    if op.kind == 'gconv': return op.layer.get_config()['groups'] == graph.ops[op.inputs[0]].shape[-1] == op.shape[-1]
+    return False
+
+def _keeps_last_axis(op, graph) -> bool:
+    "Is `op` a Reshape that leaves the last (channel) axis as it is (e.g. (C,) -> (1, 1, C) in a squeeze-excite)?"
+    return op.kind == 'reshape' and op.shape[-1] == graph.ops[op.inputs[0]].shape[-1]
 
 def channel_spaces(graph:LayerGraph) -> list:
     "Per op of `graph` (head excluded: None), the id of its channel space: ops joined by channel-preserving layers and `Add`s share one."
@@ -35,7 +46,7 @@ def channel_spaces(graph:LayerGraph) -> list:
         a, b = find(a), find(b)
         if a != b: parent[max(a, b)] = min(a, b)
     for op in graph.ops[1:-1]:
-        if op.kind in _SAME_CHANNELS: union(op.idx, op.inputs[0])
+        if op.kind in _SAME_CHANNELS or _per_channel_conv(op, graph) or _keeps_last_axis(op, graph): union(op.idx, op.inputs[0])
         elif op.kind == 'add':
             for i in op.inputs: union(op.idx, i)
         elif op.kind == 'mul':   # a product (a squeeze-excite gate) keeps the channels of the factors of its width
@@ -77,14 +88,55 @@ def channel_kept(counts:ActivationCounts,
     return out
 
 # %% ../nbs/12_compact.ipynb #ef1670f8
-SLIM_KINDS = ('input', 'conv', 'dense', 'relu', 'act', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'flatten', 'zeropad', 'add', 'head')
+SLIM_KINDS = ('input', 'conv', 'gconv', 'dwconv', 'sepconv', 'dense', 'relu', 'act', 'identity', 'bn', 'layernorm', 'affine', 'scale', 'shift',
+              'maxpool', 'avgpool', 'gap', 'gmp', 'flatten', 'reshape', 'zeropad', 'crop', 'add', 'mul', 'concat', 'head')
 
 def _check_slim(g):
-    "Raise a `DecompositionError` naming the first layer the slim export cannot slice (issue 16: the masked export handles all)."
+    "Raise a `DecompositionError` naming the first layer of a kind the slim export does not know (the masked export handles all)."
     for op in g.ops:
-        if op.kind not in SLIM_KINDS or op.kind == 'head' and type(op.layer).__name__ != 'Dense':
+        if op.kind not in SLIM_KINDS:
             raise DecompositionError(f"the slim export cannot slice layer '{op.name}' ({type(op.layer).__name__}, {op.kind}): channels through it are not "
                                      f"sliced yet; use to_keras() (the masked export: the same outputs, the parent's size)")
+
+def _scalar_operands(op) -> bool:
+    "Does the `keras.ops` call of op `op` (a + or * by a constant) use scalar constants only?"
+    if op.call is None: return True
+    a = op.call.arguments
+    consts = [v for v in list(a.args) + list(a.kwargs.values()) if not isinstance(v, keras.KerasTensor)]
+    return all(np.size(v) <= 1 for v in consts)
+
+def whole_spaces(graph:LayerGraph) -> dict:
+    "Space id -> why: the channel spaces the slim export keeps whole, because a layer in or at them mixes or re-indexes channels in a way it does not slice."
+    sp, pin = channel_spaces(graph), {}
+    for op in graph.ops[1:-1]:
+        k, why = op.kind, None
+        if k == 'layernorm': why = 'its mean and variance run over every channel, a zero one included'
+        elif k in ('gconv', 'dwconv') and not _per_channel_conv(op, graph): why = 'a grouped convolution (or depth multiplier > 1) is not sliced per channel'
+        elif k == 'reshape' and not _keeps_last_axis(op, graph): why = 'a Reshape that moves the channel axis'
+        elif k in ('scale', 'shift') and not isinstance(op.layer, layers.Layer) and not _scalar_operands(op): why = 'a constant operand across the channels'
+        elif k == 'affine': why = 'preprocessing (its constants may be per channel)'
+        elif k == 'mul' and any(graph.ops[i].shape[-1] not in (1, op.shape[-1]) for i in op.inputs): why = 'a product of tensors of other widths'
+        if why:
+            for i in (op.idx, *op.inputs): pin.setdefault(sp[i], f"layer '{op.name}' ({type(op.layer).__name__}): {why}")
+    pin.setdefault(sp[0], 'the input')
+    return pin
+
+def _zero_channels(g, masks):
+    "Op index -> (channels,) bool: the channels of each op's output that are 0 for every input (removed node channels, and what carries only them)."
+    zero = {0: np.zeros(g.ops[0].shape[-1], bool)}
+    for op in g.ops[1:-1]:
+        C, k, ins = op.shape[-1], op.kind, [zero[i] for i in op.inputs]
+        carries = k in ('relu', 'identity', 'maxpool', 'avgpool', 'gap', 'gmp', 'zeropad', 'crop', 'scale') or k == 'act' and op.act in ZERO_ACTS \
+                  or _keeps_last_axis(op, g) or _per_channel_conv(op, g) and not op.layer.use_bias
+        if carries: z = ins[0].copy()                                                                 # 0 in, 0 out
+        elif k == 'add': z = np.logical_and.reduce(ins)
+        elif k == 'mul': z = np.logical_or.reduce([np.broadcast_to(v, (C,)) for v in ins])          # a product is 0 when a factor is
+        elif k == 'concat': z = np.concatenate(ins)
+        elif k == 'flatten': src = g.ops[op.inputs[0]]; z = np.broadcast_to(ins[0], src.shape).reshape(-1).copy()
+        else: z = np.zeros(C, bool)                                                                   # BN, biases, normalisation: not 0
+        if op.node: z = z | ~masks[op.idx].reshape(-1, C).any(0)
+        zero[op.idx] = z
+    return zero
 
 def slim_channels(module:Module) -> dict:
     "Op index -> (last-axis size,) bool: the channels (units, features) of each op's output that the slim model of `module` keeps."
@@ -92,26 +144,33 @@ def slim_channels(module:Module) -> dict:
     _check_slim(g)
     live = live_elements(g, [m[None] for m in module.masks], np.asarray(module.head_keep, bool)[None], through_conv=True)
     sp = channel_spaces(g)
-    masks = {op.idx: np.asarray(m) for op, m in zip(g.node_ops, module.masks)}
-    zero, need = {0: np.zeros(g.ops[0].shape[-1], bool)}, {}
+    zero = _zero_channels(g, {op.idx: np.asarray(m) for op, m in zip(g.node_ops, module.masks)})
+    need = {}
     for op in g.ops[1:-1]:
         C = op.shape[-1]
-        if op.kind in ('relu', 'identity', 'maxpool', 'avgpool', 'gap', 'zeropad') or op.kind == 'act' and op.act in ZERO_ACTS: z = zero[op.inputs[0]].copy()   # 0 in, 0 out
-        elif op.kind == 'add': z = np.logical_and.reduce([zero[i] for i in op.inputs])
-        elif op.kind == 'flatten': src = g.ops[op.inputs[0]]; z = np.broadcast_to(zero[src.idx], src.shape).reshape(-1).copy()
-        else: z = np.zeros(C, bool)                                                                                 # BN, biases: not 0
-        if op.node: z |= ~masks[op.idx].reshape(-1, C).any(0)
-        zero[op.idx] = z
-        l = live[op.idx][0]
-        c = l.reshape(-1, C).any(0) & ~z
+        c = live[op.idx][0].reshape(-1, C).any(0) & ~zero[op.idx]
         need[sp[op.idx]] = need[sp[op.idx]] | c if sp[op.idx] in need else c
-    need[sp[0]] = np.ones(g.ops[0].shape[-1], bool)
-    for k, v in need.items():
-        if not v.any(): v[0] = True
-    for op in g.ops[1:-1]:   # topological order: a Flatten's input space is settled before it
-        if op.kind == 'flatten':
-            src = g.ops[op.inputs[0]]
-            need[sp[op.idx]] = np.broadcast_to(need[sp[src.idx]], src.shape).reshape(-1).copy()
+    need[sp[0]] = np.zeros(g.ops[0].shape[-1], bool)
+    for s in whole_spaces(g): need[s] = np.ones_like(need[s])
+    for v in need.values():
+        if not v.any(): v[0] = True                 # a space with nothing live keeps one (unread) channel: every layer has a width
+    # a Concatenate's (or Flatten's) channels are its inputs' channels: agree both ways, to a fixpoint (it only grows)
+    derived = [op for op in g.ops[1:-1] if op.kind in ('concat', 'flatten')]
+    changed = bool(derived)
+    while changed:
+        changed = False
+        for op in derived:
+            o = sp[op.idx]
+            if op.kind == 'concat':
+                edges = np.cumsum([0] + [g.ops[i].shape[-1] for i in op.inputs])
+                full = need[o] | np.concatenate([need[sp[i]] for i in op.inputs])
+                parts = [(sp[i], full[edges[a]:edges[a + 1]]) for a, i in enumerate(op.inputs)]
+            else:
+                src = g.ops[op.inputs[0]]
+                full = need[o] | np.broadcast_to(need[sp[src.idx]], src.shape).reshape(-1)
+                parts = [(sp[src.idx], full.reshape(-1, src.shape[-1]).any(0))]
+            for s, v in [(o, full)] + parts:
+                if (v & ~need[s]).any(): need[s] = need[s] | v; changed = True
     return {op.idx: need[sp[op.idx]] for op in g.ops[1:-1]}
 
 # %% ../nbs/12_compact.ipynb #1329bed0
@@ -122,18 +181,22 @@ def _layer_cost(op, k_in, k_out):
         kh, kw = l.kernel.shape[:2]
         Ho, Wo = op.shape[:2]
         return kh * kw * k_in * k_out + (k_out if l.use_bias else 0), Ho * Wo * kh * kw * k_in * k_out
-    if op.kind in ('dense', 'head'):
-        return k_in * k_out + (k_out if l.use_bias else 0), k_in * k_out
-    if op.kind in ('gconv', 'dwconv', 'sepconv'):   # issue 16 (never sliced: k_in, k_out are the full widths)
-        kh, kw = l.kernel_size if op.kind != 'sepconv' else l.kernel_size
+    if op.kind in ('dense', 'head'):   # a Dense on a feature map (ConvNeXt's pointwise layers) runs at every position
+        pos = int(np.prod(op.shape[:-1])) if op.kind == 'dense' else 1
+        return k_in * k_out + (k_out if l.use_bias else 0), pos * k_in * k_out
+    if op.kind in ('gconv', 'dwconv', 'sepconv'):   # issue 16: a per-channel convolution is sliced with its space (k_in = k_out)
+        kh, kw = l.kernel_size
         Ho, Wo = op.shape[:2]
         b = k_out if l.use_bias else 0
-        if op.kind == 'gconv': w = kh * kw * (k_in // l.groups) * k_out; return w + b, Ho * Wo * w
+        if op.kind == 'gconv':
+            w = kh * kw * k_out if l.kernel.shape[2] == 1 and l.groups == l.kernel.shape[-1] else kh * kw * (k_in // l.groups) * k_out
+            return w + b, Ho * Wo * w
         if op.kind == 'dwconv': w = kh * kw * k_out; return w + b, Ho * Wo * w
         dw, pw = kh * kw * k_in * l.depth_multiplier, k_in * l.depth_multiplier * k_out
         return dw + pw + b, Ho * Wo * (dw + pw)
-    if op.kind == 'bn': return len(l.get_weights()) * k_out, 0
-    if l is not None and hasattr(l, 'get_weights'): return int(sum(np.size(w) for w in l.get_weights())), 0   # unsliced layers (Normalization in the input space)
+    if l is not None and hasattr(l, 'get_weights'):   # BatchNormalization, LayerNormalization, a per-channel scale: per-channel weights cut with the channels
+        C = op.shape[-1]
+        return int(sum(np.size(w) // C * k_out if np.ndim(w) and np.shape(w)[-1] == C else np.size(w) for w in l.get_weights())), 0
     return 0, 0
 
 def parent_size(graph:LayerGraph) -> dict:
@@ -168,13 +231,24 @@ def size(self:Module) -> dict:
             'params_pct': 100 * p / ref['params'], 'flops_pct': 100 * f / ref['flops']}
 
 # %% ../nbs/12_compact.ipynb #3b73067b
-def _slice_weights(op, k_in, k_out):
-    "The weights of op `op`'s layer restricted to the kept input channels `k_in` and output channels `k_out`."
-    w = op.layer.get_weights()
-    if op.kind == 'conv': return [w[0][:, :, k_in][..., k_out]] + [b[k_out] for b in w[1:]]
-    if op.kind == 'dense': return [w[0][k_in][:, k_out]] + [b[k_out] for b in w[1:]]
-    if op.kind == 'bn': return [v[k_out] for v in w]
-    return w
+def _slim_layer(op, keep) -> tuple:
+    "(config, weights) of op `op`'s layer cut to the kept channels `keep` (op index -> bool); (None, None) for identity and `keras.ops` calls."
+    if op.kind == 'identity' or not isinstance(op.layer, layers.Layer): return None, None
+    k_in, k_out = keep[op.inputs[0]], keep[op.idx]
+    cfg, w, n = op.layer.get_config(), op.layer.get_weights(), int(k_out.sum())
+    if op.kind == 'conv': cfg['filters'] = n; return cfg, [w[0][:, :, k_in][..., k_out]] + [b[k_out] for b in w[1:]]
+    if op.kind == 'dense': cfg['units'] = n; return cfg, [w[0][k_in][:, k_out]] + [b[k_out] for b in w[1:]]
+    if op.kind == 'sepconv':   # depthwise kernel (kh, kw, C, dm), pointwise (1, 1, C·dm, F): input channel c owns rows c·dm … c·dm + dm − 1
+        cfg['filters'] = n
+        return cfg, [w[0][:, :, k_in], w[1][:, :, np.repeat(k_in, cfg['depth_multiplier'])][..., k_out]] + [b[k_out] for b in w[2:]]
+    if op.kind == 'dwconv' and k_out.all(): return cfg, w                          # kept whole (depth multiplier > 1), or nothing cut
+    if op.kind == 'dwconv': return cfg, [w[0][:, :, k_out]] + [b[k_out] for b in w[1:]]   # depth multiplier 1: channel c reads channel c
+    if op.kind == 'gconv' and k_out.all(): return cfg, w                           # grouped: kept whole
+    if op.kind == 'gconv': cfg['filters'] = cfg['groups'] = n; return cfg, [w[0][..., k_out]] + [b[k_out] for b in w[1:]]   # one group per channel
+    if op.kind == 'reshape': cfg['target_shape'] = tuple(cfg['target_shape'][:-1]) + (n,); return cfg, w   # keeps the last axis
+    if 'projection_dim' in cfg: cfg['projection_dim'] = n                          # a per-channel scale layer (ConvNeXt's LayerScale)
+    C = op.shape[-1]
+    return cfg, [v[..., k_out] if np.ndim(v) and np.shape(v)[-1] == C else v for v in w]   # BatchNormalization, LayerNormalization, scales: per channel
 
 def slim_keras(module:Module) -> keras.Model:
     "A standalone Keras model of `module` without the channels it does not need: same output [p_concerned, p_unconcerned] as `to_keras()`."
@@ -186,12 +260,7 @@ def slim_keras(module:Module) -> keras.Model:
     forms, bits = _mask_plumbing(g, [np.asarray(m)[..., keep[op.idx]] for op, m in zip(g.node_ops, module.masks)], inp, taken)
     vals = {0: inp}
     for op in g.ops[1:-1]:
-        xs = [vals[i] for i in op.inputs]
-        cfg = op.layer.get_config() if op.layer is not None else None
-        k_in, k_out = keep[op.inputs[0]], keep[op.idx]
-        if op.kind == 'conv': cfg['filters'] = int(k_out.sum())
-        if op.kind == 'dense': cfg['units'] = int(k_out.sum())
-        out = export_op(op, xs, cfg, _slice_weights(op, k_in, k_out))
+        out = export_op(op, [vals[i] for i in op.inputs], *_slim_layer(op, keep))
         if op.node: out = _apply_mask(out, *forms[op.idx], bits, op.name, taken)
         vals[op.idx] = out
     k = keep[g.head_input.idx]
@@ -459,15 +528,7 @@ def subset_keras(ms:ModuleSet,
     for op in g.ops[1:-1]:
         br = any(vals[i][1] for i in op.inputs)
         xs = [tiled(i) if br else vals[i][0] for i in op.inputs]
-        if op.kind == 'identity': out = xs[0]
-        else:
-            cfg = op.layer.get_config()
-            k_in, k_out = keep[op.inputs[0]], keep[op.idx]
-            if op.kind == 'conv': cfg['filters'] = int(k_out.sum())
-            if op.kind == 'dense': cfg['units'] = int(k_out.sum())
-            l = type(op.layer).from_config(cfg)
-            out = l(xs if op.kind == 'add' else xs[0])
-            l.set_weights(_slice_weights(op, k_in, k_out))
+        out = export_op(op, xs, *_slim_layer(op, keep))
         if op.node:
             tag, v = forms[op.idx]
             if not tag.startswith('per_module'): out = _apply_mask(out, tag, v, bits, op.name, taken)

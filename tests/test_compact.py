@@ -259,3 +259,51 @@ def test_bad_options_name_the_argument(kw, name):
     m = build(spec)
     x, y = make_data(spec, 6)
     with pytest.raises(DecompositionError, match=name): decompose(m, x, y, n_concerned=4, progress=False, **kw)
+
+
+# ---------------------------------------------------------------- 3b. slim = masked on the issue-16 layer kinds
+
+def random_arch_module(m, data, c=0):
+    "A module of an `arch_specs` parent with random masks: whole channels per space, single nodes, head inputs."
+    g = graph_of(m)
+    sp = channel_spaces(g)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16), label='mask seed'))
+    p_chan, p_node = data.draw(st.sampled_from([0.0, 0.3, 0.6]), label='p_chan'), data.draw(st.sampled_from([0.0, 0.1]), label='p_node')
+    chan, masks = {}, []
+    for op in g.node_ops:
+        if sp[op.idx] not in chan: chan[sp[op.idx]] = rng.random(op.shape[-1]) >= p_chan
+        masks.append(np.array(np.broadcast_to(chan[sp[op.idx]], op.shape) & (rng.random(op.shape) >= p_node)))
+    W, b = g.head_weights()
+    hk, hb = channel_head(W, b, [c])
+    head_keep = rng.random(W.shape[0]) >= data.draw(st.sampled_from([0.0, 0.2]), label='p_head')
+    return Module(c, 'c', masks, hk[0], hb[0], head_keep, m, {'parent_hash': 'x'})
+
+
+@props(16)
+@given(st.data())
+def test_slim_equals_masked_on_new_layer_kinds(data):
+    """Depthwise, separable, grouped and per-channel convolutions, Concatenate, squeeze-excite Multiply, Reshape,
+    LayerNormalization, keras.ops, the new activations and heads: the slim model computes the masked module's output
+    (float64) on random inputs it never saw, has the parameters `size()` counts, and a subset model of two such
+    modules is their composed vote."""
+    from cnn_strategies import arch_specs, build_arch
+    from cnnmodules.compose import module_logits, vote_margin
+    spec = data.draw(arch_specs(), label='spec')
+    m = build_arch(spec)
+    x = np.random.default_rng(spec['seed'] + 1).normal(size=(4,) + spec['shape'])
+    mod = random_arch_module(m, data)
+    masked, slim = mod.to_keras(), mod.to_keras(slim=True)
+    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(masked(x)), rtol=1e-9, atol=1e-12)
+    assert mod.size()['params'] == slim.count_params()
+    assert mod.size()['params'] <= masked.count_params()
+    keep = slim_channels(mod)
+    g = graph_of(m)
+    for op in g.ops[1:-1]:
+        assert len(keep[op.idx]) == op.shape[-1]
+        if op.kind == 'concat':   # a concatenation keeps exactly its inputs' kept channels
+            np.testing.assert_array_equal(keep[op.idx], np.concatenate([keep[i] for i in op.inputs]))
+    pair = ModuleSet([mod, random_arch_module(m, data, c=1)])
+    sub = np.asarray(pair.to_keras(slim=True, output='logit')(x))
+    z = module_logits(pair, x)
+    from cnnmodules.compose import calibrated_margins
+    np.testing.assert_allclose(sub, calibrated_margins(pair, z[..., 0] - z[..., 1]), rtol=1e-7, atol=1e-9)
