@@ -13,8 +13,8 @@ import keras
 # %% auto #0
 __all__ = ['KINDS', 'EXACT', 'SMOOTH', 'RefLayer', 'reference_layers', 'node_layer_names', 'tf_padding', 'sliding_windows',
            'activation', 'depthwise_forward', 'conv_forward', 'pool_forward', 'reference_values', 'reference_forward',
-           'layer_shapes', 'reference_ci', 'reference_kept', 'sliding_window_mapping', 'cmbi', 'reference_backtrack',
-           'reference_mc_bi', 'reference_mc_bln']
+           'layer_shapes', 'reference_ci', 'reference_kept', 'sliding_window_mapping', 'cmbi', 'reference_known_zero',
+           'reference_backtrack', 'reference_mc_bi', 'reference_mc_bln']
 
 # %% ../nbs/05_reference.ipynb #41eafff6
 KINDS = {'InputLayer': 'input', 'Conv2D': 'conv', 'Dense': 'dense', 'Add': 'add', 'Activation': 'relu',
@@ -23,7 +23,8 @@ KINDS = {'InputLayer': 'input', 'Conv2D': 'conv', 'Dense': 'dense', 'Add': 'add'
          'Dropout': 'dropout', 'ZeroPadding2D': 'zeropad', 'Rescaling': 'affine', 'Normalization': 'affine',
          # issue 16: layers of the keras.applications families the reference computes one input at a time
          'DepthwiseConv2D': 'dwconv', 'Concatenate': 'concat', 'Cropping2D': 'crop', 'GlobalMaxPooling2D': 'gmp',
-         'LeakyReLU': 'act', 'Softmax': 'softmax'}
+         'LeakyReLU': 'act', 'Softmax': 'softmax',
+         'SeparableConv2D': 'sepconv', 'Multiply': 'mul', 'Reshape': 'reshape', 'LayerNormalization': 'layernorm'}
 EXACT = ('relu', 'relu6', 'hard_sigmoid', 'hard_silu', 'hard_swish')   # exactly 0 on a whole range: their outputs are nodes
 SMOOTH = ('leaky_relu', 'elu', 'silu', 'swish', 'gelu', 'sigmoid', 'tanh')   # never exactly 0 (but at one point): not nodes
 
@@ -68,12 +69,13 @@ def reference_layers(model:keras.Model, linear_nodes:str='backtrack') -> list:
             else: raise ValueError(f"reference: activation '{L.act}' of layer '{L.name}' is not supported")
         elif cls == 'LeakyReLU': L.act = 'leaky_relu'
         elif cls == 'ReLU': L.act = 'relu' if not (L.layer.get_config().get('negative_slope') or 0) else 'leaky_relu'
-        elif L.kind in ('conv', 'dense', 'dwconv'):
+        elif L.kind in ('conv', 'dense', 'dwconv', 'sepconv'):
             L.act = _act(L.layer)
             if L.act not in EXACT + SMOOTH + ('linear',): raise ValueError(f"reference: hidden activation '{L.act}' in '{L.name}'")
     for L in order:
         if L.kind == 'relu' and L.act == 'relu' and linear_nodes == 'backtrack': L.node = True   # a ReLU layer (clipped or not); the paper's rule marks its input instead
         if L.kind == 'act' and L.act in EXACT: L.node = True   # ReLU6, hard-sigmoid, hard-swish as Activation layers: nodes under both rules
+        if L.kind == 'sepconv' and L.act in EXACT: L.node = True   # a SeparableConv2D with a fused ReLU-like activation
         if L.kind not in ('conv', 'dense', 'dwconv'): continue
         if L.act in EXACT: L.node = True
         elif L.act == 'linear' and linear_nodes == 'paper':
@@ -140,13 +142,15 @@ def depthwise_forward(x:np.ndarray, W:np.ndarray, B:np.ndarray, strides, padding
                 out[p, q, c * dm + j] = np.sum(window[..., c] * W[:, :, c, j]) + B[c * dm + j]
     return out
 
-def conv_forward(x:np.ndarray, W:np.ndarray, B:np.ndarray, strides, padding:str) -> np.ndarray:
-    "A Conv2D on one (H, W, C) input: Output = slidingw * W + B, window by window and filter by filter."
+def conv_forward(x:np.ndarray, W:np.ndarray, B:np.ndarray, strides, padding:str, groups:int=1) -> np.ndarray:
+    "A Conv2D on one (H, W, C) input: Output = slidingw * W + B, window by window and filter by filter; with `groups`, filter o reads only its group's input channels."
     windows, (Ho, Wo) = sliding_windows(x, W.shape[:2], strides, padding)
-    out = np.zeros((Ho, Wo, W.shape[3]))
+    F, Cg = W.shape[3], W.shape[2]                       # Cg = input channels per group
+    out = np.zeros((Ho, Wo, F))
     for (p, q), window in windows:
-        for o in range(W.shape[3]):
-            out[p, q, o] = np.sum(window * W[..., o]) + B[o]
+        for o in range(F):
+            g = o // (F // groups)                        # filter o belongs to group g, which reads input channels g·Cg … g·Cg + Cg − 1
+            out[p, q, o] = np.sum(window[..., g * Cg:(g + 1) * Cg] * W[..., o]) + B[o]
     return out
 
 def pool_forward(x:np.ndarray, pool_size, strides, padding:str, how:str) -> np.ndarray:
@@ -166,11 +170,28 @@ def _layer_value(L:RefLayer, xs:list) -> np.ndarray:
     l, k = L.layer, L.kind
     if k in ('conv', 'dense', 'head', 'dwconv'):
         W = L.weights[0]; B = L.weights[1] if l.use_bias else np.zeros(W.shape[-1] * (W.shape[2] if k == 'dwconv' else 1))
-        if k in ('conv', 'dwconv'):
-            c = l.get_config()
-            out = (conv_forward if k == 'conv' else depthwise_forward)(xs[0], W, B, tuple(c['strides']), c['padding'])
+        if k == 'conv':
+            c = l.get_config(); out = conv_forward(xs[0], W, B, tuple(c['strides']), c['padding'], c.get('groups', 1))
+        elif k == 'dwconv':
+            c = l.get_config(); out = depthwise_forward(xs[0], W, B, tuple(c['strides']), c['padding'])
         else: out = xs[0] @ W + B
         return activation(_act(l), out)
+    if k == 'sepconv':                                   # a DepthwiseConv2D without bias, then a 1×1 convolution over its C·dm channels
+        Wd, Wp = L.weights[0], L.weights[1]; B = L.weights[2] if l.use_bias else np.zeros(Wp.shape[-1])
+        c = l.get_config()
+        d = depthwise_forward(xs[0], Wd, np.zeros(Wd.shape[2] * Wd.shape[3]), tuple(c['strides']), c['padding'])
+        return activation(_act(l), d @ Wp[0, 0] + B)
+    if k == 'mul':                                       # element by element, broadcasting a (1, 1, C) gate over the map
+        out = xs[0]
+        for v in xs[1:]: out = out * v
+        return out
+    if k == 'reshape': return xs[0].reshape(tuple(l.get_config()['target_shape']))
+    if k == 'layernorm':                                 # over the last (channel) axis: (x − mean)/√(var + ε)·γ + β
+        w = list(L.weights)
+        gamma = w.pop(0) if l.scale else 1.0
+        beta = w.pop(0) if l.center else 0.0
+        mu, var = xs[0].mean(-1, keepdims=True), xs[0].var(-1, keepdims=True)
+        return (xs[0] - mu) / np.sqrt(var + l.epsilon) * gamma + beta
     if k == 'relu' and type(l).__name__ == 'ReLU':   # Keras' ReLU layer: threshold, max_value, negative_slope
         c = l.get_config(); t, mv, ns = c.get('threshold') or 0.0, c.get('max_value'), c.get('negative_slope') or 0.0
         out = np.where(xs[0] >= t, xs[0], ns * (xs[0] - t))
@@ -180,7 +201,7 @@ def _layer_value(L:RefLayer, xs:list) -> np.ndarray:
     if k == 'crop':
         (t, b), (lf, r) = l.get_config()['cropping']
         return xs[0][t:xs[0].shape[0] - b, lf:xs[0].shape[1] - r]
-    if k == 'gmp': return xs[0].max(axis=(0, 1))
+    if k == 'gmp': return xs[0].max(axis=(0, 1), keepdims=bool(l.get_config().get('keepdims')))
     if k == 'affine':
         if type(l).__name__ == 'Rescaling':
             c = l.get_config()
@@ -201,7 +222,7 @@ def _layer_value(L:RefLayer, xs:list) -> np.ndarray:
     if k in ('maxpool', 'avgpool'):
         ps, st, pad = _pool_cfg(l)
         return pool_forward(xs[0], ps, st, pad, 'max' if k == 'maxpool' else 'avg')
-    if k == 'gap': return xs[0].mean(axis=(0, 1))
+    if k == 'gap': return xs[0].mean(axis=(0, 1), keepdims=bool(l.get_config().get('keepdims')))   # keepdims: (1, 1, C), flat index = channel
     if k == 'flatten': return xs[0].flatten()
     if k == 'zeropad':
         (t, b), (lf, r) = l.get_config()['padding']
@@ -286,7 +307,7 @@ def reference_kept(model:keras.Model, x:np.ndarray, sample, steps=('ci', 'ti'), 
     return keep
 
 # %% ../nbs/05_reference.ipynb #c454f12d
-def sliding_window_mapping(in_shape, kernel, strides, padding:str, n_out:int=None, per_channel:bool=False, depth_multiplier:int=1) -> list:
+def sliding_window_mapping(in_shape, kernel, strides, padding:str, n_out:int=None, per_channel:bool=False, depth_multiplier:int=1, groups:int=1) -> list:
     "Algorithm 3's forward pass: the list of (input node number (1-based, padding 0), output node flat index) pairs."
     temp = np.zeros(in_shape, dtype=np.int64).flatten()
     for i in range(len(temp)): temp[i] = i + 1
@@ -297,7 +318,10 @@ def sliding_window_mapping(in_shape, kernel, strides, padding:str, n_out:int=Non
     for (p, q), window in windows:
         for j in range(n_out):
             count = (p * Wo + q) * n_out + j
-            for source in (window[..., j // depth_multiplier] if per_channel else window).flatten():   # per channel (pooling, depthwise): channel j reads input channel j // dm
+            if per_channel: reads = window[..., j // depth_multiplier]           # pooling, depthwise: channel j reads input channel j // dm
+            elif groups > 1: Cg = in_shape[2] // groups; g = j // (n_out // groups); reads = window[..., g * Cg:(g + 1) * Cg]   # a grouped convolution: its group's channels
+            else: reads = window
+            for source in reads.flatten():
                 mapping.append((int(source), count))
     return mapping
 
@@ -334,13 +358,58 @@ def _dense_effective_kernel(L:RefLayer, by_name:dict) -> np.ndarray:
         W = W * (gamma / np.sqrt(w[1] + bn.layer.epsilon))
     return W
 
-def _read_sets(L:RefLayer, by_name:dict, shapes:dict, live:set, through_conv:bool, remove_unread:bool, dense_delta) -> dict:
-    "Input layer name -> the set of its flat output indices that layer `L` reads when the flat indices `live` of its output are live."
+def _broadcast_index(f, out_shape, in_shape):
+    "The flat index in an input of shape `in_shape` that element `f` of a broadcast output of shape `out_shape` comes from."
+    pos = np.unravel_index(f, out_shape)
+    return int(np.ravel_multi_index(tuple(0 if n == 1 else i for i, n in zip(pos, in_shape)), in_shape))
+
+def reference_known_zero(order:list, shapes:dict, kept_set:dict) -> dict:
+    "Layer name -> the set of flat output indices that are 0 for every input, given the kept nodes `kept_set` (name -> set): a removed node is 0, and so is what only carries or multiplies it."
+    zero = {}
+    for L in order[:-1]:
+        k, n = L.kind, _flat(shapes[L.name])
+        ins = [zero[i] for i in L.inputs]
+        if k in ('relu', 'dropout', 'flatten', 'reshape') or k == 'act' and activation(L.act, np.zeros(1))[0] == 0: z = set(ins[0])   # f(0) = 0, or the same elements
+        elif k == 'add': z = set.intersection(*ins)                                   # a sum is 0 where every addend is
+        elif k == 'mul': z = {f for f in range(n) if any(_broadcast_index(f, shapes[L.name], shapes[i]) in zi for i, zi in zip(L.inputs, ins))}
+        elif k == 'concat':
+            edges = np.cumsum([0] + [shapes[i][-1] for i in L.inputs]); z = set()
+            for a, (i, zi) in enumerate(zip(L.inputs, ins)):
+                for f in zi:
+                    *pq, ch = np.unravel_index(f, shapes[i]); z.add(int(np.ravel_multi_index((*pq, ch + edges[a]), shapes[L.name])))
+        elif k == 'zeropad':
+            (t, _), (lf, _) = L.layer.get_config()['padding']; H, W = shapes[L.inputs[0]][:2]; z = set()
+            for f in range(n):
+                p, q, ch = np.unravel_index(f, shapes[L.name])
+                if not (t <= p < t + H and lf <= q < lf + W) or int(np.ravel_multi_index((p - t, q - lf, ch), shapes[L.inputs[0]])) in ins[0]: z.add(f)
+        elif k == 'crop':
+            (t, _), (lf, _) = L.layer.get_config()['cropping']
+            z = {f for f in range(n) if (lambda p, q, ch: int(np.ravel_multi_index((p + t, q + lf, ch), shapes[L.inputs[0]])) in ins[0])(*np.unravel_index(f, shapes[L.name]))}
+        elif k in ('gap', 'gmp'):
+            H, W, Cc = shapes[L.inputs[0]]
+            z = {ch for ch in range(Cc) if all(int(np.ravel_multi_index((p, q, ch), (H, W, Cc))) in ins[0] for p in range(H) for q in range(W))}
+        else: z = set()                                                                # BN, biases, normalisation, pooling: not known 0
+        if L.node: z |= set(range(n)) - kept_set[L.name]
+        zero[L.name] = z
+    return zero
+
+def _read_sets(L:RefLayer, by_name:dict, shapes:dict, live:set, through_conv:bool, remove_unread:bool, dense_delta, zero:dict=None) -> dict:
+    "Input layer name -> the set of its flat output indices that layer `L` reads when the flat indices `live` of its output are live (`zero`: `reference_known_zero`)."
     k = L.kind
     if k == 'input': return {}
     src = L.inputs[0]; n_in = _flat(shapes[src]); everything = set(range(n_in))
-    if k in ('relu', 'act', 'dropout', 'bn', 'affine', 'flatten'): return {src: set(live)}
+    if k in ('relu', 'act', 'dropout', 'bn', 'affine', 'flatten', 'reshape'): return {src: set(live)}
     if k == 'add': return {i: set(live) for i in L.inputs}
+    if k == 'mul':                                        # a factor is not read where another factor is known to be 0
+        read = {i: set() for i in L.inputs}
+        for f in live:
+            for a, i in enumerate(L.inputs):
+                others_zero = zero is not None and any(_broadcast_index(f, shapes[L.name], shapes[j]) in zero[j] for b, j in enumerate(L.inputs) if b != a)
+                if not others_zero: read[i].add(_broadcast_index(f, shapes[L.name], shapes[i]))
+        return read
+    if k == 'layernorm':                                  # an output reads every channel at its position (the mean and variance)
+        Cc = shapes[src][-1]
+        return {src: {(f // Cc) * Cc + c for f in live for c in range(Cc)}}
     if k == 'concat':                                     # output channel ch comes from the input whose channel range holds it
         edges = np.cumsum([0] + [shapes[i][-1] for i in L.inputs])
         read = {i: set() for i in L.inputs}
@@ -363,11 +432,11 @@ def _read_sets(L:RefLayer, by_name:dict, shapes:dict, live:set, through_conv:boo
     if k in ('gap', 'gmp'):
         H, W, C = shapes[src]
         return {src: {int(np.ravel_multi_index((p, q, ch), (H, W, C))) for p in range(H) for q in range(W) for ch in range(C) if ch in live}}
-    if k in ('maxpool', 'avgpool', 'conv', 'dwconv'):
-        if k in ('conv', 'dwconv') and not through_conv: return {src: everything}
-        if k in ('conv', 'dwconv'):
+    if k in ('maxpool', 'avgpool', 'conv', 'dwconv', 'sepconv'):
+        if k in ('conv', 'dwconv', 'sepconv') and not through_conv: return {src: everything}
+        if k in ('conv', 'dwconv', 'sepconv'):   # a SeparableConv2D's output reads every input channel of its window, as a Conv2D's does
             c = L.layer.get_config()
-            per = dict(n_out=c['filters']) if k == 'conv' else dict(per_channel=True, depth_multiplier=c['depth_multiplier'])
+            per = dict(n_out=c['filters'], groups=c.get('groups', 1)) if k != 'dwconv' else dict(per_channel=True, depth_multiplier=c['depth_multiplier'])
             mapping = sliding_window_mapping(shapes[src], tuple(c['kernel_size']), tuple(c['strides']), c['padding'], **per)
         else:
             ps, st, pad = _pool_cfg(L.layer)
@@ -405,11 +474,12 @@ def reference_backtrack(model:keras.Model,
         d = _flat(shapes[head.inputs[0]])
         needed = {head.inputs[0]: set(range(d)) if head_keep is None else set(np.flatnonzero(np.asarray(head_keep)[m_i]).tolist())}
         live = {}
+        zero = reference_known_zero(order, shapes, kept_set) if any(L.kind == 'mul' for L in order) else None
         for L in reversed(order[:-1]):
             lv = needed.get(L.name, set())
             if L.node: lv = lv & kept_set[L.name]                  # a removed node is 0: it reads nothing
             live[L.name] = lv
-            for src, s in _read_sets(L, by_name, shapes, lv, through_conv, remove_unread, dense_delta).items():
+            for src, s in _read_sets(L, by_name, shapes, lv, through_conv, remove_unread, dense_delta, zero).items():
                 needed[src] = needed.get(src, set()) | s
         for k, n in enumerate(names):
             flat = out[k][m_i].reshape(-1)

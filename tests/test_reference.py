@@ -208,18 +208,24 @@ def test_random_architectures(spec, E):
 
 from cnn_strategies import arch_specs, build_arch
 
-REF_KINDS = ('act', 'relu_layer', 'dwconv', 'concat', 'crop')   # the kinds `cnnmodules.reference` computes one input at a time
+REF_KINDS = ('act', 'relu_layer', 'dwconv', 'sepconv', 'gconv', 'concat', 'se', 'crop', 'layernorm')   # all but keras.ops calls
 
 
 @props(15)
 @given(st.data(), st.integers(3, 5))
 def test_new_layer_kinds_against_the_reference(data, E):
     """Clipped/hard/smooth activations, ReLU layers with max_value/threshold, DepthwiseConv2D (depth multiplier 1-2),
-    Concatenate, Cropping2D, GlobalMaxPooling2D and Softmax heads: CI, CI+TI, MC-BLN and MC-BI of the engine equal
-    the literal reference (exact node rule; a Reshape top or a 1×1-conv head, which the reference does not compute,
-    is drawn as Flatten or Dense)."""
+    SeparableConv2D, grouped Conv2D, Concatenate, squeeze-excite (GlobalAveragePooling2D with keepdims or a Reshape,
+    a Multiply), Cropping2D, LayerNormalization, GlobalMaxPooling2D, a Reshape top and Softmax heads: the reference's
+    float64 forward pass gives the Keras model's head inputs, and CI, CI+TI, MC-BLN and MC-BI of the engine equal the
+    literal reference (exact node rule; a 1×1-conv head, which the reference does not compute, is drawn as a Dense)."""
+    from cnn_strategies import head_logits
+    from cnnmodules.reference import reference_values, reference_layers
     spec = data.draw(arch_specs(kinds=REF_KINDS), label='spec')
-    spec = {**spec, 'top': 'flatten' if spec['top'] == 'reshape' else spec['top'], 'head': 'dense' if spec['head'] == 'conv1x1' else spec['head']}
+    spec = {**spec, 'head': 'dense' if spec['head'] == 'conv1x1' else spec['head']}
     m = build_arch(spec)
     x, y = make_data(spec['shape'], spec['N'], E + 1, seed=spec['seed'])
+    order = reference_layers(m)
+    _, h = head_logits(m, x[:1])
+    np.testing.assert_allclose(reference_values(m, x[0], order)[order[-1].inputs[0]].reshape(-1), h[0], rtol=1e-6, atol=1e-9)   # float64, but Keras keeps some constants (a LeakyReLU slope) in float32
     check(m, x, y, E, seed=spec['seed'])
