@@ -377,6 +377,27 @@ def _architectures_summary(d:Path) -> dict:
     out['architectures.disagreements'] = str(sum(r['disagreements'] for r in learned))
     return out
 
+def _rq1_row_summary(d:Path) -> dict:
+    "Table 1's figures per row from each `rq1/<row>/metrics.json` (rows that record their name): parent, model top-1/top-5, CI+TI+MC-BLN under both node rules with Δ and its 95% interval, the Add-lifted literal rule, nodes kept, decompose ÷ predict."
+    out = {}
+    for f in sorted((d / 'rq1').glob('*/metrics.json')):
+        m = json.loads(f.read_text()); sc = m['scale']; row = sc.get('row')
+        if not row: continue
+        k, base = f'rq1.{row}', m['model']
+        def pp(top1, ci=None):
+            t = f"{top1:.4f} ({100 * (top1 - base['top1']):+.2f} pp"
+            return t + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}])" if ci else ')')
+        out.update({f'{k}.parent': f"{sc.get('parent_epochs')} epochs", f'{k}.E': str(sc['n_concerned']), f'{k}.test': f"{sc['test_images']:,}",
+                    f'{k}.model': f"{base['top1']:.4f} / {base['top5']:.4f}", f'{k}.decompose_vs_predict': f"{m['speed']['ratio']:.2f}"})
+        for rule, name in (('backtrack', 'default'), ('paper', 'paper')):
+            r = next((r for r in m['steps'] if r['rule'] == rule and r['steps'] == 'CI+TI+MC-BLN'), None)
+            if r is None: continue
+            out[f'{k}.{name}'] = pp(r['top1'], r.get('d_top1_ci95'))
+            if rule == 'backtrack': out[f'{k}.nodes_kept'] = f"{100 * r['kept_nodes']:.1f}%"
+        ae = m.get('add_effect') or {}
+        if ae: out[f'{k}.lifted'] = pp(ae['paper_rule_add_masks_lifted_top1'], ae.get('add_masks_lifted_d_ci95'))
+    return out
+
 def report_summary(reports_dir) -> dict:
     "The summary figures `reports/README.md` quotes, computed from the CSV and JSON files in `reports_dir`: marker key → text."
     d, out = Path(reports_dir), {}
@@ -409,6 +430,7 @@ def report_summary(reports_dir) -> dict:
         if m.get('seconds_this_call') and m.get('epochs_this_call'):
             out[f'models.{f.stem}.call'] = f"{m['seconds_this_call']:.0f} s for {m['epochs_this_call']} epoch{'s' * (m['epochs_this_call'] > 1)}"
             out[f'models.{f.stem}.epoch_min'] = f"{m['seconds_this_call'] / m['epochs_this_call'] / 60:.1f}"
+    out.update(_rq1_row_summary(d))
     out.update(_rq2_summary(d))
     out.update(_table6_summary(d))
     out.update(_architectures_summary(d))
