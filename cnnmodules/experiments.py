@@ -381,7 +381,8 @@ def _rq1_row_summary(d:Path) -> dict:
     "Table 1's figures per row from each `rq1/<row>/metrics.json` (rows that record their name): parent, model top-1/top-5, CI+TI+MC-BLN under both node rules with Δ and its 95% interval, the Add-lifted literal rule, nodes kept, decompose ÷ predict."
     out = {}
     for f in sorted((d / 'rq1').glob('*/metrics.json')):
-        m = json.loads(f.read_text()); sc = m['scale']; row = sc.get('row')
+        m = json.loads(f.read_text()); sc = m['scale']
+        row = sc.get('row') or ('CIFAR10-R20' if 'paper_table1_cifar10_r20' in m else None)   # the first row predates the row record
         if not row: continue
         k, base = f'rq1.{row}', m['model']
         def pp(top1, ci=None):
