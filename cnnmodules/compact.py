@@ -11,9 +11,9 @@ import keras
 from keras import layers
 from fastcore.basics import patch
 
-from .graph import LayerGraph, DecompositionError, forward, graph_of, model_input, export_op, ZERO_ACTS
+from .graph import LayerGraph, DecompositionError, forward, graph_of, model_input, export_op
 from .concern import ActivationCounts, sample_inputs, _check_rate
-from .modularize import live_elements
+from .modularize import live_elements, known_zero, _per_channel_conv
 from .modules import Module, ModuleSet, _apply_mask, _mask_plumbing, fold_calibration
 
 # %% auto #0
@@ -25,12 +25,6 @@ __all__ = ['SLIM_KINDS', 'GRANULARITIES', 'channel_spaces', 'channel_kept', 'who
 # %% ../nbs/12_compact.ipynb #187f2e3c
 _SAME_CHANNELS = ('relu', 'identity', 'bn', 'affine', 'maxpool', 'avgpool', 'gap', 'zeropad',
                   'act', 'scale', 'shift', 'gmp', 'crop', 'layernorm')   # issue 16: other element-wise and per-channel layers
-
-def _per_channel_conv(op, graph) -> bool:
-    "Is `op` a convolution whose output channel c reads input channel c only (DepthwiseConv2D with depth_multiplier 1; Conv2D with groups = its input and output channels)?"
-    if op.kind == 'dwconv': return op.layer.get_config()['depth_multiplier'] == 1
-    if op.kind == 'gconv': return op.layer.get_config()['groups'] == graph.ops[op.inputs[0]].shape[-1] == op.shape[-1]
-    return False
 
 def _keeps_last_axis(op, graph) -> bool:
     "Is `op` a Reshape that leaves the last (channel) axis as it is (e.g. (C,) -> (1, 1, C) in a squeeze-excite)?"
@@ -122,21 +116,9 @@ def whole_spaces(graph:LayerGraph) -> dict:
     return pin
 
 def _zero_channels(g, masks):
-    "Op index -> (channels,) bool: the channels of each op's output that are 0 for every input (removed node channels, and what carries only them)."
-    zero = {0: np.zeros(g.ops[0].shape[-1], bool)}
-    for op in g.ops[1:-1]:
-        C, k, ins = op.shape[-1], op.kind, [zero[i] for i in op.inputs]
-        carries = k in ('relu', 'identity', 'maxpool', 'avgpool', 'gap', 'gmp', 'zeropad', 'crop', 'scale') or k == 'act' and op.act in ZERO_ACTS \
-                  or _keeps_last_axis(op, g) or _per_channel_conv(op, g) and not op.layer.use_bias
-        if carries: z = ins[0].copy()                                                                 # 0 in, 0 out
-        elif k == 'add': z = np.logical_and.reduce(ins)
-        elif k == 'mul': z = np.logical_or.reduce([np.broadcast_to(v, (C,)) for v in ins])          # a product is 0 when a factor is
-        elif k == 'concat': z = np.concatenate(ins)
-        elif k == 'flatten': src = g.ops[op.inputs[0]]; z = np.broadcast_to(ins[0], src.shape).reshape(-1).copy()
-        else: z = np.zeros(C, bool)                                                                   # BN, biases, normalisation: not 0
-        if op.node: z = z | ~masks[op.idx].reshape(-1, C).any(0)
-        zero[op.idx] = z
-    return zero
+    "Op index -> (channels,) bool: the channels of each op's output that are 0 for every input: `known_zero` (with its whole-channel rule for pooling and per-channel convolutions) reduced per channel."
+    z = known_zero(g, [np.asarray(masks[op.idx], bool)[None] for op in g.node_ops], whole_channels=True)
+    return {i: v[0].reshape(-1, v.shape[-1]).all(0) for i, v in z.items()}
 
 def slim_channels(module:Module) -> dict:
     "Op index -> (last-axis size,) bool: the channels (units, features) of each op's output that the slim model of `module` keeps."

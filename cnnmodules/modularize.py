@@ -81,7 +81,15 @@ def _crop(op):
     (t, _), (l, _) = op.layer.get_config()['cropping']
     return t, l
 
-def known_zero(graph:LayerGraph, keep:list) -> dict:
+def _per_channel_conv(op, graph) -> bool:
+    "Is `op` a convolution whose output channel c reads input channel c only (DepthwiseConv2D with depth_multiplier 1; Conv2D with groups = its input and output channels)?"
+    if op.kind == 'dwconv': return op.layer.get_config()['depth_multiplier'] == 1
+    if op.kind == 'gconv': return op.layer.get_config()['groups'] == graph.ops[op.inputs[0]].shape[-1] == op.shape[-1]
+    return False
+
+def known_zero(graph:LayerGraph, keep:list,
+               whole_channels:bool=False,  # also carry a channel that is 0 everywhere through pooling and bias-free per-channel convolutions
+              ) -> dict:
     "Op index -> (m, *shape) bool: output elements that are 0 for every input, given the nodes `keep` removes (a removed node is a constant 0, and so is what only multiplies or carries it)."
     node_i = {op.idx: i for i, op in enumerate(graph.node_ops)}
     m = keep[0].shape[0] if keep else 1
@@ -99,6 +107,8 @@ def known_zero(graph:LayerGraph, keep:list) -> dict:
         elif k == 'crop':
             t, l = _crop(op); out = ins[0][:, t:t + op.shape[0], l:l + op.shape[1]]
         elif k in ('gap', 'gmp'): out = ins[0].all((1, 2)).reshape((m,) + op.shape)
+        elif whole_channels and (k in ('maxpool', 'avgpool') or _per_channel_conv(op, graph) and not op.layer.use_bias):
+            out = np.broadcast_to(ins[0].reshape(m, -1, ins[0].shape[-1]).all(1)[:, None], (m, int(np.prod(op.shape[:-1])), op.shape[-1])).reshape((m,) + op.shape)
         else: out = np.zeros((m,) + op.shape, bool)
         if op.node: out = out | ~keep[node_i[op.idx]]
         z[op.idx] = np.ascontiguousarray(out)
