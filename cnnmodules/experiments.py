@@ -377,6 +377,28 @@ def _architectures_summary(d:Path) -> dict:
     out['architectures.disagreements'] = str(sum(r['disagreements'] for r in learned))
     return out
 
+def _small_reuse_summary(d:Path) -> dict:
+    "Figures of the reuse-as-a-small-model runs from `small_reuse*/metrics.json` (finished runs): per k, variant and budget the mean FLOPs, weights and file shares (%), mean and worst Δ top-1 (pp), and each goal's verdict."
+    out = {}
+    for f in sorted(d.glob('small_reuse*/metrics.json')):
+        m = json.loads(f.read_text())
+        if 'summary' not in m: continue                       # a run still going (its rows only): nothing to quote yet
+        n = f.parent.name
+        for s in m['summary']:
+            v = 'modules' if s['budget'] is None else ('finetuned' if s['finetune'] else 'gates')
+            k = f"{n}.k{s['k']}.{v}" + ('' if s['budget'] is None else f".{_key(s['budget'])}")
+            out.update({f'{k}.flops': f"{s['flops_pct']:.1f}", f'{k}.params': f"{s['params_pct']:.1f}", f'{k}.file': f"{s['file_pct']:.1f}",
+                        f'{k}.delta': f"{s['delta_top1_pp']:+.1f} pp", f'{k}.worst': f"{s['worst_delta_top1_pp']:+.1f} pp", f'{k}.subsets': str(s['subsets'])})
+        for g, r in m.get('goals', {}).items():
+            b = r['best']
+            out[f'{n}.goal.{g}'] = (f"{'met' if r['met'] else 'missed'} (target ≤ {r['target_flops_pct']}% within 1 pp; "
+                                    f"{'smallest within 1 pp' if r['within_1pp'] else 'no budget within 1 pp; closest'}: {b['flops_pct']:.1f}% at {b['delta_top1_pp']:+.1f} pp)")
+        sc = m['scale']
+        out[f'{n}.subsets'] = f"{sc['n_pairs']} pairs, {sc['n_quads']} 4-class subsets"
+        out[f'{n}.seconds'] = f"{sc['seconds']:.0f}"
+        if m.get('latency_spearman_vs_flops') is not None: out[f'{n}.latency_spearman'] = f"{m['latency_spearman_vs_flops']:.2f}"
+    return out
+
 def _rq1_row_summary(d:Path) -> dict:
     "Table 1's figures per row from each `rq1/<row>/metrics.json` (rows that record their name): parent, model top-1/top-5, CI+TI+MC-BLN under both node rules with Δ and its 95% interval, the Add-lifted literal rule, nodes kept, decompose ÷ predict."
     out = {}
@@ -435,6 +457,7 @@ def report_summary(reports_dir) -> dict:
     out.update(_rq2_summary(d))
     out.update(_table6_summary(d))
     out.update(_architectures_summary(d))
+    out.update(_small_reuse_summary(d))
     return out
 
 SUMMARY_MARK = re.compile(r'<!-- summary:(?P<key>[\w.+-]+) -->(?P<val>.*?)<!-- /summary -->')
