@@ -87,6 +87,7 @@ def _random_images(n, shape, seed=0):
 
 # %% ../nbs/13_bench.ipynb #68549e54
 def bench(quick:bool=True,          # the quick run (about 5 minutes here) or the full one
+          smoke:bool=False,          # the smallest run that still produces every figure (what the tests run): overrides `quick`
           repeats:int=3,             # timed repeats (medians)
           model=None, data=None,     # a trained model (path or keras.Model) and its dataset (name or path) for the accuracy figure
           distributed:bool=True,     # run the two-device check
@@ -101,12 +102,17 @@ def bench(quick:bool=True,          # the quick run (about 5 minutes here) or th
     from cnnmodules.graph import graph_of, model_input
     say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
     t_start = time.perf_counter()
-    res = {'quick': quick, 'repeats': repeats, 'machine': machine(),
+    size = 'smoke' if smoke else 'quick' if quick else 'full'
+    parts, t_part = {}, time.perf_counter()
+    def done(name):
+        nonlocal t_part
+        parts[name] = time.perf_counter() - t_part; t_part = time.perf_counter()
+    res = {'size': size, 'quick': quick or smoke, 'repeats': repeats, 'machine': machine(), 'part_seconds': parts,
            'timing_models': 'random initial weights on random uint8 images (speed does not depend on the weights)'}
     def predict_time(m, x): m.predict(x[:8], verbose=0); return _median_time(lambda: m.predict(x, batch_size=256, verbose=0), repeats)
 
     # 1. ResNet-20 at CIFAR-10's shape, 10 classes
-    E, n_test = (50, 200) if quick else (500, 1000)
+    E, n_test = {'smoke': (10, 50), 'quick': (50, 200), 'full': (500, 1000)}[size]
     keras.utils.set_random_seed(0)
     m10 = resnet_v1(20, 10)
     x = _random_images(10 * E, (32, 32, 3)); y = np.repeat(np.arange(10), E)
@@ -121,6 +127,7 @@ def bench(quick:bool=True,          # the quick run (about 5 minutes here) or th
     res.update({'exact_compose_over_n_predicts': c10['exact_over_n_predicts'], 'full_compose_over_n_predicts': c10['full_over_n_predicts'],
                 'fused_over_predict': c10['fused_over_predict'], 'exact_masked_pairs': c10['exact_masked_pairs'], 'compose_10': c10})
     say(f"ResNet-20, 10 classes: decompose {res['decompose_over_predict']:.2f}x predict; exact {c10['exact_over_n_predicts']:.2f}x N·predict, fused {c10['fused_over_predict']:.2f}x predict")
+    done('resnet20_10_classes')
 
     # 2. sizes
     with tempfile.TemporaryDirectory() as d:
@@ -128,12 +135,13 @@ def bench(quick:bool=True,          # the quick run (about 5 minutes here) or th
         m10.save(mp); ms10.save(sp); ms10[0].to_keras().save(kp)
         res['moduleset_over_model_size'] = sp.stat().st_size / mp.stat().st_size
         res['module_over_model_size'] = kp.stat().st_size / mp.stat().st_size
+    done('sizes')
 
     # 3. the literal reference against the batched path (ResNet-8, 16x16, 4 classes)
     keras.utils.set_random_seed(0)
     small = resnet_v1(8, 4, input_shape=(16, 16, 3))
     rx, ry = _random_images(40, (16, 16, 3), seed=2), np.repeat(np.arange(4), 10)
-    s = sample_inputs(ry, 4, 4, seed=0)
+    s = sample_inputs(ry, 4, 2 if smoke else 4, seed=0)
     gs = graph_of(small)
     fast = lambda: kept_nodes(activation_counts(gs, rx, s, progress=False))
     same = all((a == b).all() for a, b in zip(reference_kept(small, rx, s), fast()))
@@ -141,34 +149,37 @@ def bench(quick:bool=True,          # the quick run (about 5 minutes here) or th
     res['literal_over_fast'] = t_ref / _median_time(fast, repeats)
     res['literal_equals_fast'] = bool(same)
     say(f"literal reference {res['literal_over_fast']:.0f}x slower than the batched path; identical masks: {same}")
+    done('literal_reference')
 
     # 4. 202 classes at 64x64
-    depth, E2, n2 = (20, 3, 16) if quick else (56, 50, 64)
+    depth, E2, n2, hw = {'smoke': (8, 2, 8, 32), 'quick': (20, 3, 16, 64), 'full': (56, 50, 64, 64)}[size]
     keras.utils.set_random_seed(0)
-    m202 = resnet_v1(depth, 202, input_shape=(64, 64, 3))
-    x2 = _random_images(202 * E2, (64, 64, 3), seed=3); y2 = np.repeat(np.arange(202), E2)
+    m202 = resnet_v1(depth, 202, input_shape=(hw, hw, 3))
+    x2 = _random_images(202 * E2, (hw, hw, 3), seed=3); y2 = np.repeat(np.arange(202), E2)
     rss0 = peak_rss_gb()
     t0 = time.perf_counter(); ms202 = decompose(m202, x2, y2, n_concerned=E2, progress=False); t_dec2 = time.perf_counter() - t0
     res['peak_rss_gb_after_202_decompose'] = peak_rss_gb()
     t_pred2 = predict_time(m202, model_input(x2))
-    xt2 = _random_images(n2, (64, 64, 3), seed=4)
+    xt2 = _random_images(n2, (hw, hw, 3), seed=4)
     c202 = _compose_ratios(ms202, xt2, predict_time(m202, model_input(xt2)), 1)
     res.update({'decompose_over_predict_202': t_dec2 / t_pred2, 'exact_compose_over_n_predicts_202': c202['exact_over_n_predicts'],
                 'candidates_compose_over_n_predicts_202': c202['candidates_over_n_predicts'],
                 'exact_agreement_202': c202['exact_agreement'], 'candidates_agreement_202': c202['candidates_agreement'],
-                'scale_202': {'model': f'resnet{depth}', 'input': [64, 64, 3], 'classes': 202, 'n_concerned': E2,
+                'scale_202': {'model': f'resnet{depth}', 'input': [hw, hw, 3], 'classes': 202, 'n_concerned': E2,
                               'nodes_per_module': ms202[0].provenance['nodes'], 'compose_inputs': n2}, 'compose_202': c202})
-    say(f"ResNet-{depth}, 202 classes, 64x64: decompose {res['decompose_over_predict_202']:.2f}x predict; exact {c202['exact_over_n_predicts']:.3f}x N·predict "
+    say(f"ResNet-{depth}, 202 classes, {hw}x{hw}: decompose {res['decompose_over_predict_202']:.2f}x predict; exact {c202['exact_over_n_predicts']:.3f}x N·predict "
         f"(agreement {c202['exact_agreement']}); candidates {c202['candidates_over_n_predicts']:.3f}x (agreement {c202['candidates_agreement']})")
     del ms202
+    done('resnet_202_classes')
 
     # 5. accuracy on a trained model: fused vs exact
     if model is None:
         ds = load_dataset('digits')
         keras.utils.set_random_seed(0)
         tm = small_cnn(ds.num_classes)
-        train(tm, ds, epochs=5 if quick else 30, verbose=0)
-        res['trained_model'] = f'small_cnn on digits, {5 if quick else 30} epochs'
+        ep = {'smoke': 1, 'quick': 5, 'full': 30}[size]
+        train(tm, ds, epochs=ep, verbose=0)
+        res['trained_model'] = f'small_cnn on digits, {ep} epoch{"s" * (ep > 1)}'
     else:
         tm = keras.saving.load_model(model) if isinstance(model, (str, Path)) else model
         ds = load_dataset(data) if isinstance(data, (str, Path)) else data
@@ -177,9 +188,11 @@ def bench(quick:bool=True,          # the quick run (about 5 minutes here) or th
     ex, fu = tms.evaluate(ds.x_test, ds.y_test, jaccard=False), tms.evaluate(ds.x_test, ds.y_test, mode='fused', jaccard=False)
     res['fused_top1_delta_pp'] = 100 * (fu['top1'] - ex['top1'])
     res['trained_exact_top1'], res['trained_fused_top1'] = ex['top1'], fu['top1']
+    done('trained_model')
 
     # 6. beyond one machine, and memory
     res['distributed_masks_identical'] = distributed_masks_identical() if distributed else None
+    done('distributed')
     res['peak_rss_gb'] = peak_rss_gb()
     res['seconds'] = time.perf_counter() - t_start
     return res
@@ -214,6 +227,7 @@ def markdown(res:dict) -> str:
 def add_arguments(p):
     "The `cnnmodules bench` options."
     p.add_argument('--quick', action='store_true', help='the quick run (about 5 minutes here): smaller E, ResNet-20 at 202 classes')
+    p.add_argument('--smoke', action='store_true', help='the smallest run that still produces every figure (the tests run it): E = 10, ResNet-8 at 202 classes and 32x32, one training epoch')
     p.add_argument('--json', metavar='FILE', help='write the whole result as JSON')
     p.add_argument('--markdown', metavar='FILE', help='write the table as markdown')
     p.add_argument('--model', metavar='MODEL.keras', help='a trained model for the accuracy figure (with --data)')
@@ -224,7 +238,7 @@ def add_arguments(p):
 def run(args) -> int:
     "Run the benchmark from parsed `cnnmodules bench` arguments; write the files asked for."
     from cnnmodules.data import atomic_path          # the arguments were checked by the command line (cnnmodules.cli)
-    res = bench(quick=args.quick, repeats=args.repeats, model=args.model, data=args.data, distributed=not args.no_distributed)
+    res = bench(quick=args.quick, smoke=args.smoke, repeats=args.repeats, model=args.model, data=args.data, distributed=not args.no_distributed)
     table = markdown(res)
     print(table)
     for f, text in ((args.json, json.dumps(res, indent=1, default=str)), (args.markdown, table)):

@@ -1,4 +1,4 @@
-"`cnnmodules bench --quick --json FILE` runs end to end and writes every figure the scale issue asks for."
+"`cnnmodules bench --smoke --json FILE` (the smallest run that produces every figure) runs end to end and writes every figure the scale issue asks for."
 import json
 import math
 import subprocess
@@ -12,7 +12,7 @@ KEYS = ['decompose_over_predict', 'exact_compose_over_n_predicts', 'fused_over_p
 def test_bench_quick_json(tmp_path):
     out = tmp_path / 'bench.json'
     r = subprocess.run([sys.executable, '-c', 'import sys; from cnnmodules.cli import main; main(sys.argv[1:])',
-                        'bench', '--quick', '--repeats', '1', '--json', str(out)], capture_output=True, text=True, timeout=1800)
+                        'bench', '--smoke', '--repeats', '1', '--json', str(out)], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     missing = [k for k in KEYS if k not in res]
@@ -26,3 +26,5 @@ def test_bench_quick_json(tmp_path):
     assert res['distributed_masks_identical'] is True
     assert res['literal_equals_fast'] is True
     assert 'fused_top1_delta_pp' in r.stdout      # the table went to stdout
+    assert res['size'] == 'smoke' and res['scale_202']['input'] == [32, 32, 3] and res['scale_202']['nodes_per_module'] > 0
+    assert set(res['part_seconds']) == {'resnet20_10_classes', 'sizes', 'literal_reference', 'resnet_202_classes', 'trained_model', 'distributed'}
