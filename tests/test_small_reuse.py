@@ -294,3 +294,10 @@ def test_frontier_notebook_runs_at_ci_defaults(tmp_path):
         assert (fr['macs'], fr['params'], fr['file_bytes']) == (ft['macs'], ft['params'], ft['file_bytes'])   # no optimizer state in the file
     smaller = [r for r in gated if r['budget'] == 0.2][0]
     assert smaller['macs'] < [r for r in gated if r['budget'] == 0.5][0]['macs'] < m['parent']['macs']
+    # the run resumes: the same command again keeps the subsets already in metrics.json (their rows as they were,
+    # time included: nothing recomputed) and its figures are the same
+    run_experiment('small_reuse.ipynb', tmp_path / 'again.ipynb', out_dir=str(out))
+    m2 = json.loads((out / 'metrics.json').read_text())
+    same = ('classes', 'variant', 'budget', 'finetune', 'top1', 'macs', 'params', 'file_bytes', 'latency_ms', 'seconds')
+    assert [{k: r[k] for k in same} for r in m2['rows']] == [{k: r[k] for k in same} for r in rows]
+    assert m2['checks'] == m['checks'] and m2['params'] == m['params']
