@@ -378,12 +378,14 @@ def _architectures_summary(d:Path) -> dict:
     return out
 
 def _small_reuse_summary(d:Path) -> dict:
-    "Figures of the reuse-as-a-small-model runs from `small_reuse*/metrics.json` (finished runs): per k, variant and budget the mean FLOPs, weights and file shares (%), mean and worst Δ top-1 (pp), and each goal's verdict."
+    "Figures of the reuse-as-a-small-model runs from `small_reuse*/metrics.json`: for a finished run, per k, variant and budget the mean FLOPs, weights and file shares (%), mean and worst Δ top-1 (pp), and each goal's verdict; for a run still going, how many subsets it has done."
     out = {}
     for f in sorted(d.glob('small_reuse*/metrics.json')):
         m = json.loads(f.read_text())
-        if 'summary' not in m: continue                       # a run still going (its rows only): nothing to quote yet
         n = f.parent.name
+        if 'summary' not in m:                                # a run still going (its rows so far): how far it is
+            out[f'{n}.done'] = f"{len(m.get('checks', []))} of {len(m.get('params', {}).get('subsets', []))} subsets"
+            continue
         for s in m['summary']:
             v = 'modules' if s['budget'] is None else ('finetuned' if s['finetune'] else 'gates')
             k = f"{n}.k{s['k']}.{v}" + ('' if s['budget'] is None else f".{_key(s['budget'])}")
