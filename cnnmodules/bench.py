@@ -151,7 +151,7 @@ def bench(quick:bool=True,          # the quick run (about 5 minutes here) or th
     say(f"literal reference {res['literal_over_fast']:.0f}x slower than the batched path; identical masks: {same}")
     done('literal_reference')
 
-    # 4. 202 classes at 64x64
+    # 4. 202 classes at 64x64 (32x32 in the smoke run)
     depth, E2, n2, hw = {'smoke': (8, 2, 8, 32), 'quick': (20, 3, 16, 64), 'full': (56, 50, 64, 64)}[size]
     keras.utils.set_random_seed(0)
     m202 = resnet_v1(depth, 202, input_shape=(hw, hw, 3))

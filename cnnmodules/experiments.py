@@ -385,6 +385,7 @@ def _small_reuse_summary(d:Path) -> dict:
         n = f.parent.name
         if 'summary' not in m:                                # a run still going (its rows so far): how far it is
             out[f'{n}.done'] = f"{len(m.get('checks', []))} of {len(m.get('params', {}).get('subsets', []))} subsets"
+            out[f'{n}.minutes_so_far'] = f"{sum(r['seconds'] for r in m.get('rows', [])) / 60:.0f}"
             continue
         for s in m['summary']:
             v = 'modules' if s['budget'] is None else ('finetuned' if s['finetune'] else 'gates')

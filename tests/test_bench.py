@@ -9,7 +9,7 @@ KEYS = ['decompose_over_predict', 'exact_compose_over_n_predicts', 'fused_over_p
         'exact_agreement_202', 'peak_rss_gb', 'distributed_masks_identical', 'machine']
 
 
-def test_bench_quick_json(tmp_path):
+def test_bench_smoke_json(tmp_path):
     out = tmp_path / 'bench.json'
     r = subprocess.run([sys.executable, '-c', 'import sys; from cnnmodules.cli import main; main(sys.argv[1:])',
                         'bench', '--smoke', '--repeats', '1', '--json', str(out)], capture_output=True, text=True, timeout=1800)

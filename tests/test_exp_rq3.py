@@ -6,13 +6,11 @@ from conftest import TRAINED_PARENT, needs_data, require_file, run_experiment
 
 pytest.importorskip('papermill')
 
-def run(nb, tmp_path, **params): return run_experiment(nb, tmp_path / nb, **params)
-
 @needs_data('cifar10-jpeg.zip', 'tiny-imagenet-202.zip')
 def test_rq3_co2(tmp_path):
     model = TRAINED_PARENT
     require_file(model)
-    run('rq3_co2.ipynb', tmp_path, model_path=str(model), out_dir=str(tmp_path / 'rq3'), models_dir=str(tmp_path / 'models'))   # its defaults
+    run_experiment('rq3_co2.ipynb', tmp_path / 'rq3_co2.ipynb', model_path=str(model), out_dir=str(tmp_path / 'rq3'), models_dir=str(tmp_path / 'models'))   # its defaults
     m = json.loads((tmp_path / 'rq3' / 'metrics.json').read_text())
     assert len(m['rows']) == 8 and {r['task'] for r in m['ratios']} == {'reuse (intra)', 'reuse + update (inter)', 'replace (inter)'}
     for r in m['rows']:
