@@ -15,9 +15,9 @@ from .jaccard import jaccard as jaccard_index
 if TYPE_CHECKING: from cnnmodules.modules import ModuleSet   # annotations only: `modules` imports this module
 
 # %% auto #0
-__all__ = ['MODES', 'DIRTY_SWITCH', 'VOTES', 'vote', 'vote_margin', 'module_logits', 'module_scores', 'head_digest',
-           'calibration_of', 'vote_offset', 'calibration_record', 'calibrated_margins', 'vote_scores', 'compose_vote',
-           'fit_calibration', 'calibrate', 'evaluate_modules']
+__all__ = ['MODES', 'DIRTY_SWITCH', 'VOTES', 'vote', 'vote_margin', 'module_logits', 'pair_logits', 'module_scores',
+           'head_digest', 'calibration_of', 'vote_offset', 'calibration_record', 'calibrated_margins', 'vote_scores',
+           'compose_vote', 'fit_calibration', 'calibrate', 'evaluate_modules']
 
 # %% ../nbs/08_compose.ipynb #f51d2a50
 def vote(pc:np.ndarray, # (n, M) p_concerned
@@ -158,6 +158,42 @@ def module_logits(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:
             z[:, idx] = _group_logits([ms.modules[i] for i in idx], x, mode, batch_size, budget, k, stats, bar)
     return z
 
+def pair_logits(ms:ModuleSet, x,             # inputs
+                pb, pm,                      # (P,) pairs: input index into `x`, module position in `ms`
+                batch_size:int=256, budget:int=4096) -> np.ndarray:
+    "(P, 2) exact masked head logits of the (input `pb[i]`, module `pm[i]`) pairs only: the cost grows with the pairs, not with inputs × modules."
+    import tensorflow as tf
+    x = np.asarray(x); pb, pm = np.asarray(pb, 'int64').reshape(-1), np.asarray(pm, 'int64').reshape(-1)
+    if tuple(x.shape[1:]) != tuple(ms.input_shape):
+        raise DecompositionError(f'inputs have shape {tuple(x.shape[1:])} but the modules expect {tuple(ms.input_shape)}')
+    if pb.shape != pm.shape: raise DecompositionError(f'{pb.size} input indices but {pm.size} module positions')
+    if pb.size and not (0 <= pb.min() and pb.max() < len(x) and 0 <= pm.min() and pm.max() < len(ms)):
+        raise DecompositionError(f'pairs must index {len(x)} inputs and {len(ms)} modules')
+    z = np.zeros((len(pb), 2), 'float64')
+    for _, _, idx in _group_by_parent(ms):
+        mods, pos = [ms.modules[i] for i in idx], {i: j for j, i in enumerate(idx)}
+        sel = np.flatnonzero(np.isin(pm, idx))
+        if not len(sel): continue
+        g, dt = mods[0].graph, mods[0].parent.inputs[0].dtype
+        hk = tf.constant(np.stack([m.head_kernel * m.head_keep[:, None] for m in mods]), dt)
+        hb = tf.constant(np.stack([m.head_bias for m in mods]), dt)
+        masks = [tf.constant(np.stack([m.masks[j] for m in mods])) for j in range(len(g.node_ops))]
+        gm = np.array([pos[i] for i in pm[sel]], 'int64')
+        bs = max(1, min(len(x), batch_size)); rows = max(1, min(budget, 4 * bs))
+        for s in range(0, len(x), bs):          # one batch of inputs at a time, its pairs `rows` at a time (padded: one trace)
+            inb = sel[(pb[sel] >= s) & (pb[sel] < s + bs)]
+            if not len(inb): continue
+            xb = model_input(x[s:s + bs], dt)
+            if len(xb) < bs: xb = np.concatenate([xb, np.zeros((bs - len(xb),) + xb.shape[1:], xb.dtype)])
+            xb = tf.constant(xb)
+            b_all, m_all = pb[inb] - s, gm[np.searchsorted(sel, inb)]
+            for r in range(0, len(inb), rows):
+                b_, m_ = b_all[r:r + rows], m_all[r:r + rows]; pad = rows - len(b_)
+                out = _score_fn(g, 'rows')(xb, tf.constant(np.concatenate([b_, np.zeros(pad, b_.dtype)]), tf.int32),
+                                           tf.constant(np.concatenate([m_, np.zeros(pad, m_.dtype)]), tf.int32), masks, hk, hb).numpy()
+                z[inb[r:r + rows]] = out[:len(b_)]
+    return z
+
 def module_scores(ms:ModuleSet, x, mode:str='exact', batch_size:int=256, budget:int=4096, progress:bool=False, k:int=10,
                   vote:str='calibrated'):
     "(p_concerned, p_unconcerned), each (n, len(ms)), for inputs `x`: p_concerned = σ(a·margin + b), each module's calibration (`vote='paper'`: σ(margin))."
@@ -218,23 +254,28 @@ def compose_vote(ms:ModuleSet, margin:np.ndarray, vote:str='calibrated') -> np.n
 def fit_calibration(margin,              # margins of (input, module) pairs, any shape
                     target,              # same shape: True where the input is of the module's class
                     ridge:float=1e-3,    # L2 weight on the standardized scale, per pair of the rarer kind (positive or negative): keeps separable data finite
+                    weight=None,         # same shape: how many pairs each pair stands for (a sample of the pairs); None: 1 each
                    ) -> tuple:
     "(a, b) of p = σ(a·margin + b) by maximum likelihood (Newton), the intercept unpenalized; a `DecompositionError` unless a > 0."
     def expit(z): return 0.5 * (1 + np.tanh(z / 2))   # σ without overflow
     m, t = np.asarray(margin, 'float64').ravel(), np.asarray(target, bool).ravel().astype('float64')
     if m.shape != t.shape: raise DecompositionError(f'{m.size} margins but {t.size} targets')
+    w = np.ones_like(m) if weight is None else np.asarray(weight, 'float64').ravel()
+    if w.shape != m.shape: raise DecompositionError(f'{m.size} margins but {w.size} weights')
+    if not (np.isfinite(w).all() and (w > 0).all()): raise DecompositionError('pair weights must be finite and positive')
     if not np.isfinite(m).all(): raise DecompositionError('margins must be finite to fit a calibration')
     if t.all() or not t.any(): raise DecompositionError(f'a calibration needs inputs of the modules\' classes and of other classes; got {int(t.sum())} of {t.size} pairs positive')
-    mu, sd = m.mean(), m.std()
+    n, pos = w.sum(), w @ t
+    mu = (w @ m) / n; sd = np.sqrt(w @ (m - mu) ** 2 / n)
     if not sd > 1e-12 * max(1.0, abs(mu)): raise DecompositionError('the margins do not separate the classes: they are all equal (fitted scale 0)')
     X = np.stack([(m - mu) / sd, np.ones_like(m)], 1)
-    n = len(m); r = ridge * min(t.sum(), n - t.sum())   # per rarer pair: a weight per pair would shrink the scale of a many-class parent's map
-    def loss(th): z = X @ th; return np.logaddexp(0, z).sum() - t @ z + r * th[0] ** 2 / 2
-    th = np.array([0.0, np.log(t.mean() / (1 - t.mean()))]); f = loss(th)
+    r = ridge * min(pos, n - pos)   # per rarer pair: a weight per pair would shrink the scale of a many-class parent's map
+    def loss(th): z = X @ th; return w @ np.logaddexp(0, z) - (w * t) @ z + r * th[0] ** 2 / 2
+    th = np.array([0.0, np.log(pos / (n - pos))]); f = loss(th)
     for _ in range(100):
         p = expit(X @ th)
-        g = X.T @ (p - t) + np.array([r * th[0], 0.0])
-        H = (X * (p * (1 - p))[:, None]).T @ X + np.diag([r, 1e-9 * n])
+        g = X.T @ (w * (p - t)) + np.array([r * th[0], 0.0])
+        H = (X * (w * p * (1 - p))[:, None]).T @ X + np.diag([r, 1e-9 * n])
         step, s = np.linalg.solve(H, g), 1.0
         while True:
             new = th - s * step; fn = loss(new)

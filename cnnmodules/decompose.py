@@ -14,11 +14,12 @@ from .concern import sample_inputs, activation_counts, kept_nodes
 from .modularize import modularize
 from .modules import Module, ModuleSet
 from .compact import check_compact_args, channel_kept, learn_channel_masks, refit_heads
-from .compose import module_logits, fit_calibration, calibration_record
+from .compose import module_logits, pair_logits, fit_calibration, calibration_record
 
 # %% auto #0
-__all__ = ['STEPS', 'CALIBRATION_SOURCES', 'CALIBRATION_MIN_PER_CLASS', 'check_decompose_args', 'decompose',
-           'check_calibration_args', 'calibration_inputs', 'calibrate_parent', 'timed', 'decompose_vs_predict']
+__all__ = ['STEPS', 'CALIBRATION_SOURCES', 'CALIBRATION_MIN_PER_CLASS', 'CALIBRATION_NEGATIVES', 'check_decompose_args',
+           'decompose', 'check_calibration_args', 'calibration_inputs', 'calibration_pairs', 'calibrate_parent',
+           'timed', 'decompose_vs_predict']
 
 # %% ../nbs/09_decompose.ipynb #bf554973
 STEPS = ('ci', 'ti', 'mc', 'blc', 'bi')
@@ -111,6 +112,7 @@ def decompose(model,                       # a trained Keras classifier (functio
               mask_batch:int=32,           # inputs per step of the learned masks
               calibration:str='held_out',  # fit the parent's vote calibration on 'held_out' inputs (not in the decomposition's sample), 'all' inputs, or 'none'
               n_calibration:int=1000,      # at most this many inputs for the calibration
+              calibration_negatives:int|None=20, # each calibration input is scored by its class's module and this many others (None: all modules)
              ) -> ModuleSet:
     "Decompose `model` into one module per class (a `ModuleSet`, position i = class `classes[i]`)."
     t0 = time.perf_counter()
@@ -120,7 +122,7 @@ def decompose(model,                       # a trained Keras classifier (functio
     check_decompose_args(g, x, y, n_concerned, classes, delta, steps, seed=seed, batch_size=batch_size, class_names=class_names)
     check_compact_args(min_rate, granularity, refit_head, mask_sparsity, mask_steps, mask_batch)
     warn_input_range(g, x)
-    check_calibration_args(calibration, n_calibration)
+    check_calibration_args(calibration, n_calibration, calibration_negatives)
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     names = list(class_names) if class_names is not None else [str(i) for i in range(N)]
     cls = list(range(N)) if classes is None else [int(c) for c in classes]
@@ -157,7 +159,7 @@ def decompose(model,                       # a trained Keras classifier (functio
     if refit_head:
         ms = refit_heads(ms, x, y, batch_size=batch_size)
     t4 = time.perf_counter()
-    if calibration != 'none': ms = calibrate_parent(ms, x, y, s.index, calibration, n_calibration, seed, batch_size)
+    if calibration != 'none': ms = calibrate_parent(ms, x, y, s.index, calibration, n_calibration, seed, batch_size, calibration_negatives)
     ms.removed = removed
     ms.timings = {'calibration': time.perf_counter() - t4, 'sampling': t1 - t0, 'concern_identification': t2 - t1, 'modularization': t3 - t2,
                   'total': time.perf_counter() - t0, 'inputs_observed': int(len(s.index))}
@@ -167,10 +169,12 @@ def decompose(model,                       # a trained Keras classifier (functio
 CALIBRATION_SOURCES = ('held_out', 'all', 'none')
 CALIBRATION_MIN_PER_CLASS = 20   # fewer held-out inputs of a decomposed class than this: calibrate on all inputs
 
-def check_calibration_args(calibration, n_calibration):
-    "One `DecompositionError` for a bad `calibration` / `n_calibration` of `decompose`."
+def check_calibration_args(calibration, n_calibration, negatives=None):
+    "One `DecompositionError` for a bad `calibration` / `n_calibration` / `calibration_negatives` of `decompose`."
     if calibration not in CALIBRATION_SOURCES: raise DecompositionError(f'calibration must be one of {CALIBRATION_SOURCES}; got {calibration!r}')
     if not (_is_int(n_calibration) and n_calibration >= 2): raise DecompositionError(f'n_calibration must be an integer ≥ 2; got {n_calibration!r}')
+    if negatives is not None and not (_is_int(negatives) and negatives >= 1):
+        raise DecompositionError(f'calibration_negatives must be None (every module) or an integer ≥ 1; got {negatives!r}')
 
 def calibration_inputs(y, used, classes, how:str='held_out', n:int=1000, seed:int=0):
     "(indices into `y`, source): up to `n` random inputs, from those not in `used` ('held_out') unless a class of `classes` has fewer than `CALIBRATION_MIN_PER_CLASS` of them left, or from all."
@@ -183,20 +187,45 @@ def calibration_inputs(y, used, classes, how:str='held_out', n:int=1000, seed:in
     idx = np.random.default_rng(seed + 7919).choice(pool, min(int(n), len(pool)), replace=False)
     return np.sort(idx), source
 
-def calibrate_parent(ms:ModuleSet, x, y, used, how:str='held_out', n:int=1000, seed:int=0, batch_size:int=256) -> ModuleSet:
-    "`ms` (modules of one parent; labels `y` = the parent's classes) with one map fitted on `calibration_inputs`, shared by all its modules."
+CALIBRATION_NEGATIVES = 20   # default: other modules each calibration input is scored on (a seeded draw) when a parent has more
+
+def calibration_pairs(y, classes, negatives:int|None=CALIBRATION_NEGATIVES, seed:int=0):
+    "(pb, pm, weight): the (input, module position) pairs a parent's map is fitted on — every input with its own class's module and `negatives` others drawn at random, each standing for (others ÷ negatives) pairs; all pairs (weight 1) when there are no more than `negatives` others."
+    y, cls = np.asarray(y).reshape(-1).astype('int64'), np.asarray(classes, 'int64')
+    n, M = len(y), len(cls)
+    if negatives is None or M - 1 <= negatives:
+        return np.repeat(np.arange(n), M), np.tile(np.arange(M), n), np.ones(n * M)
+    where = {int(c): j for j, c in enumerate(cls)}
+    rng = np.random.default_rng(seed + 104729)
+    pb, pm, w = [], [], []
+    for i, c in enumerate(y):
+        own = where.get(int(c))
+        others = np.arange(M) if own is None else np.delete(np.arange(M), own)
+        draw = rng.choice(others, negatives, replace=False)
+        if own is not None: pb.append(i); pm.append(own); w.append(1.0)
+        pb += [i] * negatives; pm += draw.tolist(); w += [len(others) / negatives] * negatives
+    return np.array(pb, 'int64'), np.array(pm, 'int64'), np.array(w)
+
+def calibrate_parent(ms:ModuleSet, x, y, used, how:str='held_out', n:int=1000, seed:int=0, batch_size:int=256,
+                     negatives:int|None=CALIBRATION_NEGATIVES) -> ModuleSet:
+    "`ms` (modules of one parent; labels `y` = the parent's classes) with one map fitted on `calibration_inputs` (their `calibration_pairs`), shared by all its modules."
     t0 = time.perf_counter()
     cls = [int(m.class_index) for m in ms]
     idx, source = calibration_inputs(y, used, cls, how, n, seed)
-    z = module_logits(ms, np.asarray(x)[idx], batch_size=batch_size)
-    t = np.asarray(y).reshape(-1)[idx][:, None] == np.asarray(cls)[None]
-    try: a, b = fit_calibration(z[..., 0] - z[..., 1], t)
+    yc = np.asarray(y).reshape(-1)[idx]
+    pb, pm, w = calibration_pairs(yc, cls, negatives, seed)
+    if len(pb) == len(idx) * len(cls):   # every pair: the composition's own pass over all modules
+        z = module_logits(ms, np.asarray(x)[idx], batch_size=batch_size)[pb, pm]
+    else: z = pair_logits(ms, np.asarray(x)[idx], pb, pm, batch_size=batch_size)
+    t = yc[pb] == np.asarray(cls)[pm]
+    try: a, b = fit_calibration(z[:, 0] - z[:, 1], t, weight=w)
     except DecompositionError as e:
         warnings.warn(f'{ms.name}: no vote calibration ({e}); its modules keep the identity map', stacklevel=3)
         return ms
-    info = dict(per='parent', source=source, inputs=int(len(idx)), seconds=time.perf_counter() - t0)
-    out = ModuleSet([dataclasses.replace(m, calibration=calibration_record(m, a, b, base_rate=t.mean(), **info)) for m in ms], ms.name)
+    info = dict(per='parent', source=source, inputs=int(len(idx)), pairs=int(len(pb)), seconds=time.perf_counter() - t0)
+    out = ModuleSet([dataclasses.replace(m, calibration=calibration_record(m, a, b, base_rate=float(w @ t / w.sum()), **info)) for m in ms], ms.name)
     return out
+
 
 # %% ../nbs/09_decompose.ipynb #689f4a6c
 def timed(f, repeats:int=3) -> float:
