@@ -18,7 +18,7 @@ def test_rq3_co2(tmp_path):
         # the paper's equation (1): kWh = 1.58 * hours * (CPU + RAM watts) / 1000, from the same time and power
         assert abs(r['kwh_paper_eq'] - 1.58 * r['seconds'] / 3600 * (r['cpu_w'] + r['ram_w']) / 1000) <= 1e-12
         assert abs(r['co2e_lbs_paper_eq'] - 0.954 * r['kwh_paper_eq']) <= 1e-12
-    assert m['scale']['train_epochs'] == 1 and m['scale']['n_concerned'] == 10
+    assert m['scale']['train_epochs'] == 1 and m['scale']['n_concerned'] == 10 and m['scale']['test_per_class'] == 20
     # the ratios, recomputed from the energy table (energy.csv, one row per measured run) with the pairing the paper
     # makes: each task's training from scratch against the modules doing the same task (not the decompositions)
     energy = {r['scenario']: r for r in csv.DictReader((tmp_path / 'rq3' / 'energy.csv').open())}
@@ -41,4 +41,7 @@ def test_rq3_co2(tmp_path):
         # the training ran on at most 30 images of each of the task's classes (two classes, or ten for the replacement)
         assert r['train_images'] == (300 if r['task'] == 'replace (inter)' else 60)
         assert float(energy[train]['top1']) == r['training_top1'] and float(energy[mods]['top1']) == r['modules_top1']
+        # both sides predicted the same 20 test images of each of the task's classes: every top-1 is a count of them
+        n_test = 20 * (10 if r['task'] == 'replace (inter)' else 2)
+        for k in ('training_top1', 'modules_top1'): assert r[k] * n_test == pytest.approx(round(r[k] * n_test), abs=1e-9)
     for f in ('energy.csv', 'energy.md', 'ratios.csv', 'ratios.md', 'figure6.png'): assert (tmp_path / 'rq3' / f).exists()
