@@ -76,9 +76,11 @@ def test_checks_and_scenario_properties(result):
     s, rows = m['scale'], m['rows']
     assert m['checks'] and all(v is True for v in m['checks'].values()), m['checks']
     assert {'option1_swap_equals_direct', 'option2_swap_equals_direct', 'option3_drop_equals_direct', 'option4_equals_reverify'} <= set(m['checks'])
-    mv = m['mode_vs_exact']   # the run's mode against the exact composition on the check images; the CI run is exact: itself
-    assert mv['mode'] == s['compose_mode'] == 'exact' and mv['images'] == s['check_inputs'] and 0 < mv['person_or_gorilla_images'] <= mv['images']
-    assert mv['top1_agreement'] == mv['top5_set_agreement'] == 1.0 and mv['top1_mode'] == mv['top1_exact']
+    mv = m['mode_vs_exact']   # the run's mode against the exact composition on the check images; the CI run composes as the full run, in candidates mode
+    assert mv['mode'] == s['compose_mode'] == 'candidates' and mv['images'] == s['check_inputs'] and 0 < mv['person_or_gorilla_images'] <= mv['images']
+    for k in ('top1_agreement', 'top5_set_agreement', 'top1_mode', 'top1_exact'): assert 0 <= mv[k] <= 1, (k, mv)
+    # a share of the check images each
+    for k in ('top1_agreement', 'top5_set_agreement'): assert mv[k] * mv['images'] == pytest.approx(round(mv[k] * mv['images']))
     n = s['test_images']
     # option 3: gorilla is gone, so nothing is called gorilla and no gorilla image is right
     o3 = rows['Option 3']

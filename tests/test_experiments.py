@@ -35,15 +35,6 @@ def relu_kept_shares(model_path, n_concerned, seed=0):
     return float(np.mean(ci)), float(np.mean(ti))
 
 @needs_cifar
-def test_train_resnet(tmp_path):
-    run('train_resnet.ipynb', tmp_path, out_dir=str(tmp_path / 'models'), depth=8, train_per_class=20, epochs=2,
-        checkpoint_dir=str(tmp_path / 'ckpt'))
-    rec = json.loads((tmp_path / 'models' / 'cifar10_resnet8_ci.json').read_text())
-    assert rec['epochs'] == 2 and rec['train_images'] == 200 and 0 <= rec['test_top1'] <= 1
-    assert (tmp_path / 'models' / 'cifar10_resnet8_ci.keras').exists()
-    assert (tmp_path / 'ckpt' / 'best.keras').exists()
-
-@needs_cifar
 def test_rq1_decomposition(tmp_path):
     model = TRAINED_PARENT
     require_file(model)

@@ -1,5 +1,5 @@
 "What `reports/` shows a reader: figures that match the files beside them, paths relative to the repository, metrics traceable to a commit."
-import json, os, re, shutil, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -44,22 +44,25 @@ SHARED = Path(os.environ.get('CNNMODULES_DATA') or REPO.parent / 'shared' / 'dat
 
 @pytest.mark.skipif(not (SHARED / 'cifar10-jpeg.zip').exists(), reason=f'no offline CIFAR-10 copy at {SHARED}')
 def test_cli_run_writes_paths_relative_to_the_repository(tmp_path):
-    "`cnnmodules run` records no absolute path of the repository: not in papermill's metadata, parameters or outputs."
+    "`cnnmodules run train_resnet` records no absolute path of the repository (not in papermill's metadata, parameters or outputs), and writes the model, its record and the checkpoint."
     out = tmp_path / 'train.ipynb'
-    env = {**os.environ, 'CNNMODULES_CACHE': str(tmp_path / 'cache'), 'CNNMODULES_DATA': str(SHARED),
+    # the run's cache is the session's (conftest: a private folder removed at the end), so CIFAR-10 is decoded once per run
+    env = {**os.environ, 'CNNMODULES_DATA': str(SHARED),
            'PYTHONPATH': os.pathsep.join([str(REPO)] + [p for p in [os.environ.get('PYTHONPATH')] if p])}
-    try:
-        r = subprocess.run([sys.executable, '-c', 'import sys; from cnnmodules.cli import main; sys.exit(main())', 'run', 'train_resnet',
-                            '-p', 'depth', '8', '-p', 'train_per_class', '5', '-p', 'epochs', '1', '-p', 'out_dir', str(tmp_path / 'models'),
-                            '-p', 'checkpoint_dir', str(tmp_path / 'ckpt'), '--out', str(out)],
-                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    finally: shutil.rmtree(tmp_path / 'cache', ignore_errors=True)   # the decoded dataset: do not leave it in the temporary folder
+    r = subprocess.run([sys.executable, '-c', 'import sys; from cnnmodules.cli import main; sys.exit(main())', 'run', 'train_resnet',
+                        '-p', 'depth', '8', '-p', 'train_per_class', '5', '-p', 'epochs', '1', '-p', 'out_dir', str(tmp_path / 'models'),
+                        '-p', 'checkpoint_dir', str(tmp_path / 'ckpt'), '--out', str(out)],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
     assert str(REPO) not in text
     nb = json.loads(text)
     assert nb['metadata']['papermill']['input_path'] == 'nbs/experiments/train_resnet.ipynb'
     assert nb['metadata']['papermill']['output_path'] == os.path.relpath(out, REPO)
+    # and the run made what train_resnet.ipynb promises: the model, its record (at the run's scale) and the checkpoint
+    rec = json.loads((tmp_path / 'models' / 'cifar10_resnet8_ci.json').read_text())
+    assert rec['epochs'] == 1 and rec['train_images'] == 50 and 0 <= rec['test_top1'] <= 1
+    assert (tmp_path / 'models' / 'cifar10_resnet8_ci.keras').exists() and (tmp_path / 'ckpt' / 'best.keras').exists()
 
 def _literal(s):
     import ast
